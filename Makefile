@@ -1,0 +1,32 @@
+# Two commands matter: `make demo` and `make test`. Both set themselves up.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.setup-stamp
+export HF_HUB_OFFLINE = 1
+export TOKENIZERS_PARALLELISM = false
+
+.PHONY: setup demo test bench clean
+
+setup: $(STAMP)
+
+# torch goes first: `pip install torch==2.13.0` takes the local CPU wheel on these machines,
+# whereas a bare `torch` requirement would pull a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e ".[dev,eval,gguf]"
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/layerskip demo
+
+test: setup
+	$(BIN)/python -m pytest
+
+bench: setup
+	$(BIN)/layerskip bench --help
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache
