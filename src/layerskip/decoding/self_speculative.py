@@ -1,0 +1,105 @@
+"""Self-speculative decoding (LayerSkip §4.2): draft with the first E layers, verify with the rest.
+
+Terminology: L layers; exit layer E (1 <= E < L); d = num_speculations, the most drafts per round;
+k <= d the drafts of this round (fewer near max_new_tokens). x0 = the last accepted token, not yet
+in the cache (the whole prompt in the first round). Accepted / bonus tokens: see sampling.py.
+
+One round, with x0's first position n:
+  draft   x0 through layers [0, E) -> exit hidden h(x0); head -> d1; d1 through [0, E) -> d2; ... dk.
+  verify  dk through [0, E); then layers [E, L) on the exit hidden states [h(x0), h(d1) .. h(dk)]
+          (k+1 positions, reused from drafting: the "exit cache") -> k+1 predictions in one pass.
+  accept  the longest prefix of drafts the verifier agrees with, then the verifier's next token.
+  rollback  every layer's cache is cut to n + 1 + a; the token just emitted becomes x0.
+Every layer's work on every kept position is done exactly once: the prompt's early layers run in
+the first draft step and its late layers in the first verification; no second cache, no re-prefill.
+"""
+from __future__ import annotations
+
+import torch
+
+from layerskip.decoding.result import GenerationStats
+from layerskip.decoding.sampling import SamplingParams, greedy_accept, probabilities, select, speculative_accept
+from layerskip.decoding.stopping import StopChecker
+from layerskip.decoding.timing import clock
+from layerskip.forward import LayerStack
+
+
+def draft(stack: LayerStack, cache, pending: torch.Tensor, pos: int, exit_layer: int, k: int,
+          params: SamplingParams, generator=None):
+    """Feed `pending` (1, P) at `pos` and k-1 drafted tokens through layers [0, E).
+
+    Returns (exit hidden states (1, P + k - 1, H), drafts (k,), draft probs (k, V) or None).
+    The last draft is not fed here: the verify pass does that.
+    """
+    h = stack.run(stack.embed(pending), 0, exit_layer, cache, pos)  # (1, P, H)
+    exits, tokens, probs = [h], [], []
+    for i in range(k):
+        token, q = select(stack.logits(h[:, -1]), params, generator)  # (1, 1), (1, V)
+        tokens.append(token)
+        probs.append(q)
+        if i + 1 < k:
+            h = stack.run(stack.embed(token), 0, exit_layer, cache, pos + pending.shape[1] + i)  # (1, 1, H)
+            exits.append(h)
+    drafts = torch.cat(tokens, 1)[0] if k else pending.new_empty(0)  # (k,)
+    q = torch.cat(probs, 0) if params.do_sample and k else None  # (k, V)
+    return torch.cat(exits, 1), drafts, q
+
+
+def verify(stack: LayerStack, cache, exits: torch.Tensor, drafts: torch.Tensor, pos: int, exit_layer: int):
+    """Run the last draft through [0, E), then layers [E, L) on all exit hidden states.
+
+    Args:
+        exits: (1, N, H) exit hidden states from `draft` (N = P + k - 1), positions from `pos`.
+        drafts: (k,) draft tokens.
+    Returns:
+        logits (k + 1, V) of the full model at x0's last position and at d1..dk.
+    """
+    k = drafts.shape[0]
+    if k:
+        last = stack.run(stack.embed(drafts[-1:][None]), 0, exit_layer, cache, pos + exits.shape[1])  # (1, 1, H)
+        exits = torch.cat([exits, last], 1)  # (1, N + 1, H)
+    h = stack.run(exits, exit_layer, stack.num_layers, cache, pos)  # (1, N(+1), H)
+    return stack.logits(h[0, -(k + 1):])  # (k + 1, V)
+
+
+def decode_self_speculative(stack: LayerStack, prompt: torch.Tensor, *, exit_layer: int, num_speculations: int,
+                            params: SamplingParams, stopper: StopChecker, stats: GenerationStats,
+                            generator=None, on_tokens=None) -> list[int]:
+    """Lossless self-speculative decoding of up to stopper.max_new_tokens tokens after prompt (1, T)."""
+    T = prompt.shape[1]
+    cache = stack.new_cache(T + stopper.max_new_tokens)
+    generated: list[int] = []
+    pending, pos = prompt, 0
+    stats.draft_s = stats.verify_s = 0.0
+    t0 = clock(stack.device)
+    while stopper.remaining(generated) > 0:
+        k = min(num_speculations, stopper.remaining(generated) - 1)  # room for the verifier's own token
+        t_round = clock(stack.device)
+        exits, drafts, q = draft(stack, cache, pending, pos, exit_layer, k, params, generator)
+        t_drafted = clock(stack.device)
+        logits = verify(stack, cache, exits, drafts, pos, exit_layer)  # (k + 1, V)
+        if params.do_sample:
+            a, nxt = speculative_accept(drafts, q, probabilities(logits, params), generator)
+        else:
+            a, nxt = greedy_accept(drafts, logits.argmax(-1))
+        t_verified = clock(stack.device)
+        stats.draft_s += t_drafted - t_round
+        stats.verify_s += t_verified - t_drafted
+        if stats.first_token_s is None:
+            stats.first_token_s = t_verified - t0
+        stats.rounds += 1
+        stats.drafted += k
+        stats.accepted += a
+        stats.accepted_per_round.append(a)
+        emit, reason = stopper.accept(generated, drafts[:a].tolist() + [nxt])
+        generated += emit
+        if on_tokens:
+            on_tokens(emit)
+        if reason:
+            stats.stop_reason = reason
+            break
+        pos += pending.shape[1] + a
+        cache.crop(pos)
+        pending = prompt.new_tensor([[nxt]])
+    stats.total_s = clock(stack.device) - t0
+    return generated

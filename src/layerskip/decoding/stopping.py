@@ -1,0 +1,45 @@
+"""When to stop: EOS ids, stop strings, and max_new_tokens, applied to the tokens a step emits."""
+from __future__ import annotations
+
+
+class StopChecker:
+    """Decides, for the tokens one step (or round) proposes to emit, how many to keep and whether to stop.
+
+    Stop rules, first hit wins: an EOS id (kept, as transformers does), the token that completes a
+    stop string (kept in `token_ids`; the text is cut before the stop string), max_new_tokens.
+    """
+
+    def __init__(self, max_new_tokens: int, eos_token_ids=(), stop_strings=(), tokenizer=None):
+        self.max_new_tokens = max_new_tokens
+        self.eos = frozenset(eos_token_ids or ())
+        self.stop_strings = tuple(s for s in (stop_strings or ()) if s)
+        self.tokenizer = tokenizer
+
+    def remaining(self, generated: list[int]) -> int:
+        return self.max_new_tokens - len(generated)
+
+    def accept(self, generated: list[int], new: list[int]) -> tuple[list[int], str | None]:
+        """Returns (the prefix of `new` to emit, stop reason or None)."""
+        keep, reason = [], None
+        room = self.remaining(generated)
+        for t in new[:room]:
+            keep.append(t)
+            if t in self.eos:
+                reason = "eos"
+                break
+        if reason is None and len(keep) >= room:
+            reason = "length"
+        if self.stop_strings and keep and self._has_stop(generated + keep):
+            for j in range(len(keep)):  # the earliest token that completes a stop string
+                if self._has_stop(generated + keep[: j + 1]):
+                    return keep[: j + 1], "stop_string"
+        return keep, reason
+
+    def _has_stop(self, ids: list[int]) -> bool:
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        return any(s in text for s in self.stop_strings)
+
+    def trim(self, text: str) -> str:
+        """Cut text before the first stop string."""
+        cut = min((i for i in (text.find(s) for s in self.stop_strings) if i >= 0), default=len(text))
+        return text[:cut]

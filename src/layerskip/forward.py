@@ -1,0 +1,150 @@
+"""The forward engine: run a transformers Llama-family model in pieces, with our one KV cache.
+
+`LayerStack(model)` wraps a loaded LlamaForCausalLM / MistralForCausalLM / Qwen2ForCausalLM /
+Qwen3ForCausalLM without copying weights. It calls the model's own modules (embedding, norms,
+linear projections, MLPs, rotary embedding, LM head) and does the rest itself: the residual
+stream, rotary application, the cache write and attention. That keeps it independent of
+transformers' cache and mask classes (which change between releases) while every weight-bearing
+computation stays the model's own. tests/test_forward.py checks it logit-for-logit against the
+model's own forward for every supported architecture.
+
+Terminology: the model has L decoder layers 0..L-1. `run(h, a, b, ...)` applies layers [a, b).
+"Exit layer E" is the hidden state after the first E layers, i.e. `run(h, 0, E)`; `logits(h)`
+applies the final norm and LM head to any layer's output.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from layerskip.cache import KVCache
+from layerskip.models import check_supported
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _sliding_windows(config, num_layers: int) -> list[int | None]:
+    """Per-layer sliding window (None = full attention), following each architecture's config."""
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:  # Qwen2 / Qwen3 style: per-layer types
+        return [window if t == "sliding_attention" else None for t in layer_types[:num_layers]]
+    return [window] * num_layers  # Mistral style: one window for all layers (None = off)
+
+
+class LayerStack:
+    """A supported transformers causal LM, runnable layer range by layer range.
+
+    Args:
+        model: a loaded supported transformers model (any dtype/device; weights are used in place).
+    """
+
+    def __init__(self, model):
+        check_supported(model)
+        cfg = model.config
+        inner = model.model
+        self.model = model
+        self.embed_tokens = inner.embed_tokens
+        self.layers = list(inner.layers)
+        self.norm = inner.norm
+        self.lm_head = model.lm_head
+        self.rotary_emb = inner.rotary_emb
+        self.num_layers = len(self.layers)
+        attn = self.layers[0].self_attn
+        self.head_dim = attn.head_dim
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = cfg.num_key_value_heads
+        self.scaling = attn.scaling
+        self.qk_norm = hasattr(attn, "q_norm")
+        self.windows = _sliding_windows(cfg, self.num_layers)
+        self.max_positions = getattr(cfg, "max_position_embeddings", None)
+        self.vocab_size = cfg.vocab_size
+        self._cos = self._sin = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    # ---- pieces --------------------------------------------------------------------------
+    def new_cache(self, max_len: int, *, num_layers: int | None = None, batch: int = 1) -> KVCache:
+        """A cache for the first `num_layers` layers (default all), room for `max_len` positions."""
+        self._ensure_rope(max_len)
+        return KVCache(num_layers or self.num_layers, batch, self.num_kv_heads, max_len, self.head_dim,
+                       dtype=self.dtype, device=self.device)
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(ids)  # (B, T) -> (B, T, H)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Final norm + LM head on any layer's output: (..., H) -> (..., V)."""
+        return self.lm_head(self.norm(h))
+
+    def run(self, h: torch.Tensor, start: int, end: int, cache: KVCache, pos: int) -> torch.Tensor:
+        """Apply layers [start, end) to h (B, T, H) whose first token is at position `pos`.
+
+        Writes K/V of these layers at positions [pos, pos + T) of `cache`; returns (B, T, H).
+        """
+        T = h.shape[1]
+        cos = self._cos[pos:pos + T]  # (T, D)
+        sin = self._sin[pos:pos + T]
+        masks: dict[int | None, torch.Tensor | None] = {}
+        for i in range(start, end):
+            window = self.windows[i]
+            if window not in masks:
+                masks[window] = _attention_mask(pos, T, window, h.device)
+            layer = self.layers[i]
+            h = h + self._attention(i, layer.self_attn, layer.input_layernorm(h), cache, pos, cos, sin, masks[window])
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        return h
+
+    # ---- internals -----------------------------------------------------------------------
+    def _attention(self, i, attn, x, cache, pos, cos, sin, mask):
+        B, T, _ = x.shape
+        D = self.head_dim
+        q = attn.q_proj(x).view(B, T, -1, D)  # (B, T, Hq, D)
+        k = attn.k_proj(x).view(B, T, -1, D)  # (B, T, Hkv, D)
+        v = attn.v_proj(x).view(B, T, -1, D).transpose(1, 2)  # (B, Hkv, T, D)
+        if self.qk_norm:  # Qwen3: RMSNorm over the head dimension before rotary
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, T, D)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        keys, values = cache.write(i, pos, k, v)  # (B, Hkv, pos + T, D)
+        out = F.scaled_dot_product_attention(
+            q, keys, values, attn_mask=mask, scale=self.scaling, enable_gqa=self.num_heads != self.num_kv_heads
+        )  # (B, Hq, T, D)
+        return attn.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+    def _ensure_rope(self, max_len: int) -> None:
+        """Precompute cos/sin for positions [0, max_len) with the model's own rotary embedding."""
+        if self._cos is not None and self._cos.shape[0] >= max_len:
+            return
+        n = max(max_len, 256)
+        positions = torch.arange(n, device=self.device)[None]  # (1, n)
+        probe = torch.empty(0, dtype=self.dtype, device=self.device)
+        with torch.no_grad():
+            cos, sin = self.rotary_emb(probe, positions)  # (1, n, D)
+        self._cos, self._sin = cos[0], sin[0]
+
+
+def _attention_mask(pos: int, T: int, window: int | None, device) -> torch.Tensor | None:
+    """Boolean (T, pos + T) mask, True = visible: causal, and within the sliding window if any.
+
+    Returns None when every cached key is visible (a single query with no window in effect).
+    """
+    S = pos + T
+    if T == 1 and (window is None or S <= window):
+        return None
+    q_pos = torch.arange(pos, S, device=device)[:, None]  # (T, 1)
+    k_pos = torch.arange(S, device=device)[None, :]  # (1, S)
+    mask = k_pos <= q_pos
+    if window is not None:
+        mask &= k_pos > q_pos - window
+    return mask
