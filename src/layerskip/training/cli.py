@@ -1,0 +1,89 @@
+"""`layerskip train`: argument parsing and printing only; the work is `layerskip.training.trainer.train`.
+
+Flags override the YAML recipe (--config), which overrides the preset (--preset), which overrides the
+defaults in `TrainConfig`. Every flag defaults to "not given" so that this order holds.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+
+_EXAMPLES = """examples:
+  layerskip train --data src/ --output-dir runs/code --preset code_finetuning --max-steps 200
+  layerskip train --init config.json --tokenizer tok/ --data corpus.jsonl --output-dir runs/scratch \\
+      --preset pretraining_from_scratch
+  torchrun --nproc-per-node 2 -m layerskip train --data corpus.jsonl --output-dir runs/ddp
+"""
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    from layerskip.training.config import DTYPES, LR_SCHEDULERS, PRESETS
+
+    p = subparsers.add_parser(
+        "train",
+        help="train a model with layer dropout and the early-exit loss (LayerSkip)",
+        description="Train a transformers causal LM so its early layers can exit: layer dropout + early-exit "
+        "loss + curricula (LayerSkip, Elhoushi et al. 2024). Runs on one process or under torchrun.",
+        epilog=_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        argument_default=None,
+    )
+    g = p.add_argument_group("model")
+    g.add_argument("--model", help="checkpoint to continue from (dir, hub id, 'default'); default: built-in")
+    g.add_argument("--init", metavar="CONFIG", help="random init from a config.json or a dir holding one")
+    g.add_argument("--tokenizer", help="tokenizer dir or hub id (with --init; default: the built-in model's)")
+    g.add_argument("--dtype", choices=DTYPES, help="float32 (default), or bfloat16/float16 mixed precision")
+    g = p.add_argument_group("data")
+    g.add_argument("--data", action="append", metavar="PATH",
+                   help="text/code file, dir, glob, .jsonl, or a datasets name (repeatable)")
+    g.add_argument("--data-split", help="split, for a datasets name (default: train)")
+    g.add_argument("--text-field", help="JSONL / datasets field holding the text (default: text)")
+    g.add_argument("--eval-fraction", type=float, help="share of blocks held out (default: 0.05)")
+    g.add_argument("--seq-len", type=int, help="tokens per packed block (default: 512)")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--output-dir", help="where checkpoints, the final model and training_log.jsonl go")
+    g.add_argument("--max-steps", type=int, help="optimizer steps T (default: 100)")
+    g.add_argument("--batch-size", type=int, help="blocks per process per micro-batch (default: 8)")
+    g.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default: 1)")
+    g.add_argument("--lr", type=float, help="peak learning rate (default: 1e-4)")
+    g.add_argument("--lr-scheduler", choices=LR_SCHEDULERS, help="default: cosine")
+    g.add_argument("--warmup-steps", type=int, help="default: 0")
+    g.add_argument("--weight-decay", type=float, help="default: 0")
+    g.add_argument("--max-grad-norm", type=float, help="gradient clipping (default: 1.0)")
+    g.add_argument("--seed", type=int, help="default: 0")
+    g = p.add_argument_group("LayerSkip")
+    g.add_argument("--layer-dropout-max", type=float, metavar="P", help="p_max in [0, 1) (default: 0.1)")
+    g.add_argument("--layer-dropout-depth", metavar="D", help="D(l): exponential (default), linear, uniform")
+    g.add_argument("--layer-dropout-schedule", metavar="S",
+                   help="S(t): constant (default), exponential (from scratch), linear")
+    g.add_argument("--early-exit-scale", type=float, metavar="E", help="e_scale in [0, 1] (default: 0.2)")
+    g.add_argument("--curriculum", metavar="C", help="rotational (default), gradual, none")
+    g.add_argument("--rotation", type=int, metavar="R", help="rotational curriculum period (default: 8)")
+    g.add_argument("--preset", help=f"paper settings: {', '.join(PRESETS)}")
+    g.add_argument("--config", metavar="YAML", help="recipe file (keys: the option names with _ for -)")
+    g = p.add_argument_group("bookkeeping")
+    g.add_argument("--save-steps", type=int, help="checkpoint every N steps, 0 = final model only (default: 200)")
+    g.add_argument("--save-total-limit", type=int, help="keep the N newest checkpoints")
+    g.add_argument("--eval-steps", type=int, help="evaluate every N steps, 0 = at the end (default: 0)")
+    g.add_argument("--logging-steps", type=int, help="console/report_to every N steps (default: 10)")
+    g.add_argument("--report-to", help="transformers report_to (default: tensorboard when installed)")
+    g.add_argument("--resume", nargs="?", const="latest", metavar="CHECKPOINT",
+                   help="resume from CHECKPOINT, or the newest one in --output-dir")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from layerskip.training.config import build_config, field_names
+    from layerskip.training.trainer import train
+
+    overrides = {k: getattr(args, k, None) for k in field_names() if k != "preset"}
+    config = build_config(recipe=args.config, preset=args.preset, **overrides)
+    result = train(config)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, only the main process prints
+        return 0
+    if result.eval_metrics:
+        loss = result.eval_metrics.get("eval_loss")
+        print(f"held-out loss (last layer): {loss:.4f}")
+    print(f"trained {result.steps} steps; model saved to {result.output_dir}")
+    return 0

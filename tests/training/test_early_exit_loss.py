@@ -1,0 +1,135 @@
+"""The early-exit loss against a hand computation from transformers' own hidden states."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from layerskip.models import make_random_model
+from layerskip.training.curriculum import Curriculum
+from layerskip.training.early_exit_loss import early_exit_loss, exit_scales, exit_weights
+from layerskip.training.layer_dropout import LayerDropout
+from layerskip.training.model import LayerSkipModel
+
+
+@pytest.mark.parametrize("L", [2, 4, 7, 32])
+@pytest.mark.parametrize("e_scale", [0.0, 0.2, 1.0])
+def test_exit_scales_match_the_formula(L, e_scale):
+    e = exit_scales(L, e_scale)
+    for l in range(L - 1):
+        assert e[l] == pytest.approx(e_scale * sum(range(l + 1)))
+    assert e[L - 1] == pytest.approx((L - 1) + e_scale * sum(range(L - 1)))
+
+
+def test_exit_scales_and_weights_by_hand():
+    assert exit_scales(4, 0.5) == [0.0, 0.5, 1.5, 4.5]
+    assert exit_weights(4, [0, 1, 2, 3], 0.5) == pytest.approx({0: 0, 1: 0.5 / 6.5, 2: 1.5 / 6.5, 3: 4.5 / 6.5})
+    assert exit_weights(4, [1, 3], 0.5) == pytest.approx({1: 0.1, 3: 0.9})
+    # L = 6, e_scale 0.2, rotational R = 2 at t = 1: exits 1, 3, 5 -> e = 0.2, 1.2, 5 + 0.2*10 = 7
+    active = Curriculum("rotational", 6, rotation=2).active(1)
+    assert exit_weights(6, active, 0.2) == pytest.approx({1: 0.2 / 8.4, 3: 1.2 / 8.4, 5: 7 / 8.4})
+    assert exit_weights(4, [3], 1.0) == {3: 1.0}
+    assert exit_weights(1, [0], 0.3) == {0: 1.0}
+
+
+def test_weights_need_the_last_layer_and_a_valid_scale():
+    with pytest.raises(ValueError, match="last layer"):
+        exit_weights(4, [0, 1, 2], 0.5)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        exit_scales(4, 1.5)
+
+
+def _reference_loss(model, ids, weights):
+    """Slow and obvious: transformers' hidden states, a full logits tensor per exit, F.cross_entropy."""
+    out = model(ids, output_hidden_states=True)
+    L = model.config.num_hidden_layers
+    total = 0.0
+    losses = {}
+    for l, w in weights.items():
+        # hidden_states[l + 1] is layer l's raw output for l < L-1; hidden_states[-1] is already normed
+        logits = out.logits if l == L - 1 else model.lm_head(model.model.norm(out.hidden_states[l + 1]))
+        ce = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+        losses[l] = ce
+        total = total + w * ce
+    return total, losses
+
+
+@pytest.mark.parametrize("arch", ["llama", "llama-tied", "mistral", "qwen2", "qwen3"])
+def test_loss_and_gradients_equal_the_hand_computation(tiny_models, arch):
+    model = tiny_models[arch]
+    L = model.config.num_hidden_layers
+    ids = torch.randint(0, model.config.vocab_size, (3, 12), generator=torch.Generator().manual_seed(0))
+    wrapped = LayerSkipModel(model, LayerDropout(L, 0.0), Curriculum("none", L), early_exit_scale=0.5)
+    wrapped.train()
+    weights = exit_weights(L, list(range(L)), 0.5)
+    out = wrapped(ids, step=0)
+    ref, ref_losses = _reference_loss(model, ids, weights)
+    torch.testing.assert_close(out.loss, ref)
+    for l in range(L):
+        torch.testing.assert_close(out.exit_losses[l], ref_losses[l])
+    params = [p for p in model.parameters()]
+    got = torch.autograd.grad(out.loss, params)
+    want = torch.autograd.grad(ref, params)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-4)
+
+
+def test_the_true_final_output_is_in_the_loss(tiny_llama):
+    L = tiny_llama.config.num_hidden_layers
+    ids = torch.randint(0, 256, (2, 10), generator=torch.Generator().manual_seed(1))
+    wrapped = LayerSkipModel(tiny_llama, LayerDropout(L, 0.0), Curriculum("rotational", L, rotation=2), 0.3).train()
+    for t in range(4):
+        out = wrapped(ids, step=t)
+        assert L - 1 in out.exit_losses
+    # last-layer exit == transformers' own causal-LM loss (the real final output, not layer L-2's)
+    torch.testing.assert_close(out.exit_losses[L - 1], tiny_llama(ids, labels=ids).loss)
+
+
+def test_chunked_equals_unchunked_with_ignored_targets():
+    torch.manual_seed(0)
+    V, H = 37, 8
+    head = torch.randn(V, H, requires_grad=True)
+    norm = torch.nn.LayerNorm(H)
+    hidden = {0: torch.randn(2, 9, H, requires_grad=True), 2: torch.randn(2, 9, H, requires_grad=True)}
+    labels = torch.randint(0, V, (2, 9))
+    labels[0, 3:6] = -100
+    weights = {0: 0.25, 2: 0.75}
+    results = []
+    for chunk in (None, 1, 5):
+        loss, per_exit = early_exit_loss(hidden, labels, norm, head, weights, chunk_tokens=chunk)
+        grads = torch.autograd.grad(loss, [head, hidden[0], hidden[2]])
+        results.append((loss, per_exit, grads))
+    # reference: plain autograd with ignore_index
+    ref = 0
+    for l, w in weights.items():
+        logits = norm(hidden[l][:, :-1]) @ head.t()
+        ref = ref + w * F.cross_entropy(logits.reshape(-1, V), labels[:, 1:].reshape(-1), ignore_index=-100)
+    ref_grads = torch.autograd.grad(ref, [head, hidden[0], hidden[2]])
+    for loss, per_exit, grads in results:
+        torch.testing.assert_close(loss, ref)
+        for g, r in zip(grads, ref_grads):
+            torch.testing.assert_close(g, r)
+
+
+def test_zero_weight_exit_is_reported_but_gets_no_gradient():
+    torch.manual_seed(0)
+    head = torch.randn(11, 4, requires_grad=True)
+    h0 = torch.randn(1, 5, 4, requires_grad=True)
+    h1 = torch.randn(1, 5, 4, requires_grad=True)
+    loss, per_exit = early_exit_loss({0: h0, 1: h1}, torch.randint(0, 11, (1, 5)), torch.nn.Identity(), head,
+                                     {0: 0.0, 1: 1.0})
+    assert per_exit[0] > 0
+    g0, g1 = torch.autograd.grad(loss, [h0, h1], allow_unused=True)
+    assert g0 is None or not g0.any()
+    assert g1.abs().sum() > 0
+
+
+def test_double_precision_gradcheck():
+    torch.manual_seed(0)
+    head = torch.randn(7, 3, dtype=torch.float64, requires_grad=True)
+    h = torch.randn(2, 4, 3, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(2, 4, 3, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 7, (2, 4))
+
+    def fn(head, h, g):
+        return early_exit_loss({1: h, 3: g}, labels, torch.nn.Identity(), head, {1: 0.3, 3: 0.7}, chunk_tokens=2)[0]
+
+    assert torch.autograd.gradcheck(fn, (head, h, g))
