@@ -28,3 +28,18 @@ def tiny_models():
         "qwen2": make_random_model("qwen2", num_layers=4, num_kv_heads=2, seed=4),
         "qwen3": make_random_model("qwen3", num_layers=4, num_kv_heads=2, seed=5, head_dim=16),
     }
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A saved checkpoint directory (random Llama + a byte-level BPE tokenizer trained on stdlib code)."""
+    from layerskip.corpus import read_texts, stdlib_files
+    from layerskip.tokenizer import train_bpe_tokenizer
+
+    out = tmp_path_factory.mktemp("tiny-checkpoint")
+    tokenizer = train_bpe_tokenizer(read_texts(stdlib_files("train"), max_chars=300_000), 512, out)
+    model = make_random_model("llama", num_layers=4, hidden_size=64, num_heads=4, num_kv_heads=2,
+                              vocab_size=len(tokenizer), seed=0)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(out)
+    return out

@@ -85,7 +85,9 @@ def load(spec: str | None = None, *, dtype: torch.dtype | str | None = None, dev
         (model, tokenizer); tokenizer is None when the checkpoint has none.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # the per-tensor "Loading weights" bar is noise on small models
     where = resolve(spec)
     device = device or "cpu"
     if isinstance(dtype, str):

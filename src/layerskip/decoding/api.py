@@ -84,6 +84,17 @@ def _prompt_tensor(input_ids, device) -> torch.Tensor:
     return ids.to(device=device, dtype=torch.long)
 
 
+def check_options(*, strategy="autoregressive", max_new_tokens=128, do_sample=False, temperature=1.0, top_k=None,
+                  top_p=None, num_speculations=None) -> SamplingParams:
+    """Validate the model-independent options (the CLI calls this before loading a model)."""
+    normalize_strategy(strategy)
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise LayerSkipError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens}")
+    if num_speculations is not None and (not isinstance(num_speculations, int) or num_speculations < 1):
+        raise LayerSkipError(f"num_speculations must be an integer >= 1, got {num_speculations}")
+    return _check_sampling(do_sample, temperature, top_k, top_p)
+
+
 def _check_sampling(do_sample, temperature, top_k, top_p) -> SamplingParams:
     if do_sample:
         if temperature is None or temperature <= 0:
@@ -132,10 +143,9 @@ def generate(model, input_ids, *, strategy: str = "autoregressive", exit_layer: 
         GenerationResult(token_ids, text, stats). Greedy self-speculative output is token-identical
         to greedy autoregressive output (in fp32).
     """
+    params = check_options(strategy=strategy, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                           temperature=temperature, top_k=top_k, top_p=top_p, num_speculations=num_speculations)
     strategy = normalize_strategy(strategy)
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise LayerSkipError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens}")
-    params = _check_sampling(do_sample, temperature, top_k, top_p)
     stack = layer_stack(model)
     L = stack.num_layers
     if strategy != "autoregressive":

@@ -17,16 +17,17 @@ from layerskip.forward import LayerStack
 
 
 def decode_autoregressive(stack: LayerStack, prompt: torch.Tensor, *, num_layers: int, params: SamplingParams,
-                          stopper: StopChecker, stats: GenerationStats, generator=None, on_tokens=None) -> list[int]:
+                          stopper: StopChecker, stats: GenerationStats, generator=None, on_tokens=None, cache=None) -> list[int]:
     """Decode with layers [0, num_layers) (num_layers = L: full model; E < L: early exit).
 
     Args:
         prompt: (1, T) token ids on the model's device.
+        cache: a KVCache to use (tests inspect it afterwards); default: a new one.
     Returns:
         the new token ids.
     """
     T = prompt.shape[1]
-    cache = stack.new_cache(T + stopper.max_new_tokens, num_layers=num_layers)
+    cache = cache or stack.new_cache(T + stopper.max_new_tokens, num_layers=num_layers)
     generated: list[int] = []
     pending, pos = prompt, 0
     t0 = clock(stack.device)

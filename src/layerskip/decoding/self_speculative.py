@@ -64,10 +64,13 @@ def verify(stack: LayerStack, cache, exits: torch.Tensor, drafts: torch.Tensor, 
 
 def decode_self_speculative(stack: LayerStack, prompt: torch.Tensor, *, exit_layer: int, num_speculations: int,
                             params: SamplingParams, stopper: StopChecker, stats: GenerationStats,
-                            generator=None, on_tokens=None) -> list[int]:
-    """Lossless self-speculative decoding of up to stopper.max_new_tokens tokens after prompt (1, T)."""
+                            generator=None, on_tokens=None, cache=None) -> list[int]:
+    """Lossless self-speculative decoding of up to stopper.max_new_tokens tokens after prompt (1, T).
+
+    `cache` (optional, for inspection) must cover all L layers and T + max_new_tokens positions.
+    """
     T = prompt.shape[1]
-    cache = stack.new_cache(T + stopper.max_new_tokens)
+    cache = cache or stack.new_cache(T + stopper.max_new_tokens)
     generated: list[int] = []
     pending, pos = prompt, 0
     stats.draft_s = stats.verify_s = 0.0

@@ -1,0 +1,161 @@
+"""`layerskip generate` and `layerskip demo`: parse, call the library, print."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from layerskip.errors import LayerSkipError
+
+DEMO_PROMPT = 'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n'
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None,
+                   help="a local checkpoint directory, a hub id, 'smollm2-135m', or omit for the built-in default")
+    p.add_argument("--dtype", default=None, help="float32 (CPU default), bfloat16, float16, auto")
+    p.add_argument("--device", default=None, help="cpu (default), cuda, cuda:1, ...")
+
+
+def add_decoding_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--strategy", default="autoregressive",
+                   help="autoregressive | early-exit | self-speculative (default: autoregressive)")
+    p.add_argument("--exit-layer", type=int, default=None, help="E: exit after the first E layers (1 <= E < L)")
+    p.add_argument("--num-speculations", type=int, default=None, help="d: tokens drafted per round")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=None, metavar="STRING",
+                   help="stop string (repeatable); the output is cut before it")
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("generate", help="generate text with a LayerSkip decoding strategy",
+                              description="Generate a completion; prints the text, then a stats line.")
+    add_model_args(p)
+    p.add_argument("--prompt", default=None, help="the prompt (default: read standard input)")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    add_decoding_args(p)
+    p.add_argument("--stream", action="store_true", help="print text as it is accepted")
+    p.set_defaults(func=run_generate)
+
+    d = subparsers.add_parser("demo", help="the built-in model: autoregressive vs self-speculative, side by side")
+    add_model_args(d)
+    d.add_argument("--prompt", default=DEMO_PROMPT)
+    d.add_argument("--max-new-tokens", type=int, default=96)
+    d.set_defaults(func=run_demo)
+
+
+def _read_prompt(args) -> str:
+    if args.prompt is not None:
+        return args.prompt
+    if sys.stdin is None or sys.stdin.isatty():
+        raise LayerSkipError("no prompt: pass --prompt TEXT or pipe text on standard input")
+    text = sys.stdin.read()
+    if not text:
+        raise LayerSkipError("no prompt: standard input was empty")
+    return text
+
+
+def encode_prompt(tokenizer, prompt: str, chat: bool = False) -> list[int]:
+    if tokenizer is None:
+        raise LayerSkipError("this checkpoint has no tokenizer; use the Python API with token ids")
+    if chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise LayerSkipError("--chat: this tokenizer has no chat template")
+        return list(tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                                  tokenize=True, return_dict=False))
+    return tokenizer(prompt).input_ids
+
+
+def stats_line(stats) -> str:
+    parts = [f"{stats.strategy.replace('_', '-')}", f"{stats.num_new_tokens} tokens",
+             f"{stats.tokens_per_second:.1f} tokens/s"]
+    if stats.exit_layer is not None:
+        parts.append(f"exit layer {stats.exit_layer}")
+    if stats.acceptance_rate is not None:
+        parts.append(f"d={stats.num_speculations}, acceptance {stats.acceptance_rate:.2f}, "
+                     f"{stats.tokens_per_round:.2f} tokens/round")
+    return "[" + " | ".join(parts) + "]"
+
+
+class TextPrinter:
+    """Prints decoded text as tokens arrive, holding back what could still turn into a stop string."""
+
+    def __init__(self, tokenizer, stop_strings=None, out=None):
+        self.tokenizer, self.stops, self.out = tokenizer, tuple(stop_strings or ()), out or sys.stdout
+        self.ids: list[int] = []
+        self.printed = 0
+
+    def __call__(self, ids: list[int]) -> None:
+        self.ids += ids
+        text = self._cut(self.tokenizer.decode(self.ids, skip_special_tokens=True))
+        hold = max((len(s) for s in self.stops), default=1) - 1
+        safe = text[: len(text) - hold] if hold else text
+        safe = safe.rstrip("\ufffd")  # an incomplete UTF-8 sequence: wait for the next token
+        self._write(safe)
+
+    def finish(self, final_text: str) -> None:
+        self._write(final_text)
+        self.out.write("\n")
+        self.out.flush()
+
+    def _cut(self, text: str) -> str:
+        cut = min((i for i in (text.find(s) for s in self.stops) if i >= 0), default=len(text))
+        return text[:cut]
+
+    def _write(self, text: str) -> None:
+        if len(text) > self.printed:
+            self.out.write(text[self.printed:])
+            self.out.flush()
+            self.printed = len(text)
+
+
+def run_generate(args) -> int:
+    from layerskip.decoding.api import check_options, generate
+    from layerskip.models import load
+
+    check_options(strategy=args.strategy, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
+                  temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                  num_speculations=args.num_speculations)  # fail fast, before loading a model
+    prompt = _read_prompt(args)
+    model, tokenizer = load(args.model, dtype=args.dtype, device=args.device)
+    ids = encode_prompt(tokenizer, prompt, args.chat)
+    printer = TextPrinter(tokenizer, args.stop) if args.stream else None
+    result = generate(model, ids, strategy=args.strategy, exit_layer=args.exit_layer,
+                      num_speculations=args.num_speculations, max_new_tokens=args.max_new_tokens,
+                      do_sample=args.sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                      stop_strings=args.stop, tokenizer=tokenizer, seed=args.seed, streamer=printer)
+    if printer:
+        printer.finish(result.text)
+    else:
+        print(result.text)
+    print(stats_line(result.stats), file=sys.stderr)
+    return 0
+
+
+def run_demo(args) -> int:
+    from layerskip.decoding.api import generate, model_defaults
+    from layerskip.models import load
+
+    model, tokenizer = load(args.model, dtype=args.dtype, device=args.device)
+    defaults = model_defaults(model)
+    L = model.config.num_hidden_layers
+    print(f"model: {model.config.name_or_path} ({type(model).__name__}, {L} layers)")
+    if defaults.get("trained") is False:
+        print("note: this is the untrained stand-in model (random weights): expect nonsense text and low acceptance.")
+    ids = encode_prompt(tokenizer, args.prompt)
+    generate(model, ids, max_new_tokens=8)  # warm-up
+    runs = {}
+    for strategy in ("autoregressive", "self_speculative"):
+        runs[strategy] = generate(model, ids, strategy=strategy, max_new_tokens=args.max_new_tokens, tokenizer=tokenizer)
+    ar, ss = runs["autoregressive"], runs["self_speculative"]
+    print("prompt:\n" + args.prompt + "\ncompletion (greedy):\n" + ss.text + "\n")
+    for r in (ar, ss):
+        print(stats_line(r.stats))
+    same = "identical" if ar.token_ids == ss.token_ids else "DIFFERENT"
+    speedup = ss.stats.tokens_per_second / ar.stats.tokens_per_second if ar.stats.tokens_per_second else 0.0
+    print(f"self-speculative vs autoregressive: {speedup:.2f}x, output {same}")
+    return 0 if ar.token_ids == ss.token_ids else 1

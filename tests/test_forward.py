@@ -1,0 +1,60 @@
+"""The forward engine against transformers' own forward: logits, early-exit logits, cache chunks."""
+import pytest
+import torch
+
+from layerskip.errors import LayerSkipError
+from layerskip.forward import LayerStack
+from layerskip.models import make_random_model
+
+
+@pytest.mark.parametrize("name", ["llama", "llama-tied", "mistral", "qwen2", "qwen3"])
+def test_logits_match_transformers_in_chunks(tiny_models, name):
+    """Prefill 11 tokens, then 1, then 6, through split layer ranges: equals one full forward."""
+    model = tiny_models[name]
+    L = model.config.num_hidden_layers
+    ids = torch.randint(0, model.config.vocab_size, (1, 18), generator=torch.Generator().manual_seed(0))
+    stack = LayerStack(model)
+    cache = stack.new_cache(32)
+    with torch.no_grad():
+        ref = model(ids).logits[0]
+        a = stack.logits(stack.run(stack.embed(ids[:, :11]), 0, L, cache, 0))
+        h = stack.run(stack.embed(ids[:, 11:12]), 0, 1, cache, 11)
+        b = stack.logits(stack.run(h, 1, L, cache, 11))
+        c = stack.logits(stack.run(stack.embed(ids[:, 12:]), 0, L, cache, 12))
+    ours = torch.cat([a, b, c], 1)[0]
+    torch.testing.assert_close(ours, ref, atol=2e-5, rtol=1e-4)
+
+
+def test_sliding_window_matches_transformers():
+    model = make_random_model("mistral", num_layers=3, num_kv_heads=2, head_dim=16, sliding_window=5, seed=7)
+    ids = torch.randint(0, 256, (1, 20), generator=torch.Generator().manual_seed(1))
+    stack = LayerStack(model)
+    cache = stack.new_cache(20)
+    with torch.no_grad():
+        ref = model(ids).logits[0]
+        a = stack.logits(stack.run(stack.embed(ids[:, :9]), 0, 3, cache, 0))
+        rest = [stack.logits(stack.run(stack.embed(ids[:, t:t + 1]), 0, 3, cache, t)) for t in range(9, 20)]
+    torch.testing.assert_close(torch.cat([a, *rest], 1)[0], ref, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen3"])
+def test_early_exit_logits_equal_hand_computation(tiny_models, name):
+    """Exit E = norm + head on transformers' hidden_states[E] (the raw output of layer E-1)."""
+    model = tiny_models[name]
+    L = model.config.num_hidden_layers
+    ids = torch.randint(0, model.config.vocab_size, (1, 9), generator=torch.Generator().manual_seed(2))
+    stack = LayerStack(model)
+    with torch.no_grad():
+        hidden = model(ids, output_hidden_states=True).hidden_states  # L + 1 entries; the last is normed
+        for E in range(1, L):
+            expected = model.lm_head(model.model.norm(hidden[E]))
+            got = stack.logits(stack.run(stack.embed(ids), 0, E, stack.new_cache(9), 0))
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_unsupported_architecture_names_the_supported_ones():
+    import transformers
+
+    config = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50)
+    with pytest.raises(LayerSkipError, match="LlamaForCausalLM.*Qwen3ForCausalLM"):
+        LayerStack(transformers.GPT2LMHeadModel(config))
