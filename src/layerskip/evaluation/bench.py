@@ -1,0 +1,391 @@
+"""Quality + speed benchmark: every strategy over a task's prompts, side by side in one run.
+
+Fair timing, so that ratios mean something on a noisy machine:
+  - a warm-up pass (each strategy once on the first prompt, short) before anything is timed;
+  - strategies are interleaved per prompt, and the order rotates from prompt to prompt, so slow
+    spells of the machine fall on every strategy alike;
+  - every strategy is timed the same way: wall clock around one call, prefill included.
+
+Reported per strategy (`StrategyResult`): tokens/s and ms/token over all prompts (total new tokens /
+total seconds), speedup = tokens/s ÷ autoregressive tokens/s from the same run, acceptance rate
+(accepted drafts / drafted), match rate (the fraction of prompts whose greedy token ids equal
+autoregressive's), the task's metrics on the completions, and for early exit / self-speculative the
+cost model's predicted speedup (see cost_model.py) beside the measured one.
+
+With `compare_transformers=True` two more rows time transformers' own `generate()`: greedy, and
+`assistant_early_exit=E` with d drafts per round. The latter reads `num_assistant_tokens`,
+`num_assistant_tokens_schedule` and `assistant_confidence_threshold` from `model.generation_config`
+(passed to `generate()` they are silently ignored), so they are set there for the call
+(d, "constant", 0) and restored afterwards.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+import layerskip
+from layerskip.decoding.api import normalize_strategy, resolve_exit_layer, resolve_num_speculations
+from layerskip.errors import LayerSkipError
+from layerskip.evaluation import cost_model
+from layerskip.evaluation.metrics import truncate_at_stop
+from layerskip.evaluation.tasks import Sample, Task
+
+OURS = ("autoregressive", "early_exit", "self_speculative")
+TRANSFORMERS = ("transformers_greedy", "transformers_early_exit")
+
+
+@dataclass
+class StrategyResult:
+    """One row of the benchmark (one strategy over all prompts)."""
+
+    strategy: str
+    exit_layer: int | None
+    num_speculations: int | None
+    tokens_per_second: float
+    ms_per_token: float | None
+    speedup: float | None
+    acceptance_rate: float | None
+    match_rate: float | None
+    metrics: dict = field(default_factory=dict)
+    predicted_speedup: float | None = None
+    num_new_tokens: int = 0
+    total_s: float = 0.0
+    tokens_per_round: float | None = None
+
+
+@dataclass
+class BenchReport:
+    """The benchmark document: `results` has one StrategyResult per strategy, baseline first."""
+
+    model: str
+    task: str
+    num_samples: int
+    max_new_tokens: int
+    results: list[StrategyResult]
+    cost_model: dict | None = None
+    machine: dict = field(default_factory=dict)
+    completions: dict[str, list[str]] = field(default_factory=dict, repr=False)
+    token_ids: dict[str, list[list[int]]] = field(default_factory=dict, repr=False)
+
+    def to_dict(self) -> dict:
+        return {
+            "model": self.model, "task": self.task, "num_samples": self.num_samples,
+            "max_new_tokens": self.max_new_tokens, "results": [asdict(r) for r in self.results],
+            "cost_model": self.cost_model, "machine": self.machine,
+        }
+
+    def result(self, strategy: str) -> StrategyResult:
+        return next(r for r in self.results if r.strategy == strategy)
+
+
+@dataclass
+class _Run:
+    token_ids: list[int]
+    text: str
+    seconds: float
+    stats: object | None = None
+
+
+def parse_strategies(text: str | list[str]) -> list[str]:
+    """"autoregressive,early-exit,self-speculative" -> canonical names (autoregressive always first)."""
+    names = text.split(",") if isinstance(text, str) else list(text)
+    out = []
+    for name in (n.strip() for n in names):
+        if not name:
+            continue
+        canon = name.replace("-", "_").lower()
+        canon = canon if canon in TRANSFORMERS else normalize_strategy(name)
+        if canon not in out:
+            out.append(canon)
+    if not out:
+        raise LayerSkipError("--strategies is empty; give e.g. autoregressive,early-exit,self-speculative")
+    if "autoregressive" in out:
+        out.remove("autoregressive")
+    return ["autoregressive"] + out  # the baseline every speedup and match rate is measured against
+
+
+def run_bench(model, tokenizer, task: Task, *, strategies=OURS, exit_layer: int | None = None,
+              num_speculations: int | None = None, max_new_tokens: int = 128,
+              compare_transformers: bool = False, warmup: bool = True, score: bool = True,
+              predict: bool = True, model_name: str = "", progress: bool = True) -> BenchReport:
+    """Time `strategies` over `task.samples` (batch size 1, greedy) and score their completions.
+
+    Args:
+        model, tokenizer: a loaded supported model and its tokenizer (needed to encode the prompts).
+        task: from `tasks.load_task`.
+        strategies: names from OURS (dashes accepted); autoregressive is always run, as the baseline.
+        exit_layer, num_speculations: E and d (defaults: the model's stored values, else L // 2 and 4).
+        max_new_tokens: per prompt.
+        compare_transformers: also time transformers' greedy and assistant_early_exit generate().
+        warmup: run every strategy once, short, before timing.
+        score: compute the task's metrics per strategy.
+        predict: measure the cost model and report predicted speedups.
+    Returns:
+        BenchReport.
+    """
+    if tokenizer is None:
+        raise LayerSkipError("this model has no tokenizer; the benchmark needs one to encode the prompts")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise LayerSkipError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+    strategies = parse_strategies(strategies)
+    if compare_transformers:
+        strategies += [s for s in TRANSFORMERS if s not in strategies]
+    E = resolve_exit_layer(model, exit_layer)
+    d = resolve_num_speculations(model, num_speculations)
+    eos = _eos_ids(model, tokenizer)
+    prompts = [_encode(tokenizer, s, model, max_new_tokens) for s in task.samples]
+
+    def call(strategy: str, i: int, n: int) -> _Run:
+        return _generate(model, tokenizer, strategy, prompts[i], task.samples[i], E, d, n, eos)
+
+    if warmup:
+        for strategy in strategies:
+            call(strategy, 0, min(max_new_tokens, 8))
+    runs: dict[str, list[_Run]] = {s: [] for s in strategies}
+    bar = _progress(len(prompts) * len(strategies), progress, f"bench {task.name}")
+    for i in range(len(prompts)):
+        shift = i % len(strategies)
+        for strategy in strategies[shift:] + strategies[:shift]:  # rotate the order per prompt
+            bar.set_postfix_str(strategy, refresh=False)
+            runs[strategy].append(call(strategy, i, max_new_tokens))
+            bar.update(1)
+    bar.close()
+
+    times = None
+    if predict and any(s in strategies for s in ("early_exit", "self_speculative")):
+        times = _measure_costs(model, E, runs.get("self_speculative"), prompts, max_new_tokens)
+    results = [_summarize(s, runs[s], runs["autoregressive"], E, d, times) for s in strategies]
+    if score:
+        bar = _progress(len(strategies), progress, "scoring")
+        for r in results:
+            r.metrics = task.score([run.text for run in runs[r.strategy]])
+            bar.update(1)
+        bar.close()
+    return BenchReport(
+        model=model_name, task=task.name, num_samples=len(prompts), max_new_tokens=max_new_tokens,
+        results=results, cost_model=times.as_dict() if times else None, machine=machine_info(model),
+        completions={s: [r.text for r in rs] for s, rs in runs.items()},
+        token_ids={s: [r.token_ids for r in rs] for s, rs in runs.items()},
+    )
+
+
+# ----------------------------------------------------------------------------------- running
+
+
+def _generate(model, tokenizer, strategy, prompt, sample: Sample, E, d, max_new_tokens, eos) -> _Run:
+    stops = list(sample.stop_strings) or None
+    if strategy in TRANSFORMERS:
+        return _transformers_generate(model, tokenizer, prompt, strategy, E, d, max_new_tokens, eos, stops)
+    t0 = _clock(model)
+    out = layerskip.generate(
+        model, prompt, strategy=strategy, exit_layer=E if strategy != "autoregressive" else None,
+        num_speculations=d if strategy == "self_speculative" else None, max_new_tokens=max_new_tokens,
+        eos_token_id=eos or None, stop_strings=stops, tokenizer=tokenizer,
+    )
+    seconds = _clock(model) - t0
+    text = out.text if out.text is not None else tokenizer.decode(out.token_ids, skip_special_tokens=True)
+    return _Run(out.token_ids, truncate_at_stop(text, stops), seconds, out.stats)
+
+
+def _transformers_generate(model, tokenizer, prompt, strategy, E, d, max_new_tokens, eos, stops) -> _Run:
+    from transformers import StoppingCriteriaList
+
+    ids = torch.tensor([prompt], device=model.device)  # (1, T)
+    kwargs = dict(attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=max_new_tokens,
+                  eos_token_id=eos or None, pad_token_id=eos[0] if eos else 0)
+    if stops:  # our rule, not `stop_strings=` (which assisted generation hands to its draft without a tokenizer)
+        kwargs["stopping_criteria"] = StoppingCriteriaList([_StopStringsInText(tokenizer, stops, ids.shape[1])])
+    settings = {}
+    if strategy == "transformers_early_exit":
+        kwargs["assistant_early_exit"] = E
+        settings = {"num_assistant_tokens": d, "num_assistant_tokens_schedule": "constant",
+                    "assistant_confidence_threshold": 0.0}
+    with _generation_config(model, settings), _quiet_transformers(), torch.inference_mode():
+        t0 = _clock(model)
+        out = model.generate(ids, **kwargs)  # (1, T + n)
+        seconds = _clock(model) - t0
+    # A speculative round appends several tokens before the stopping rules run: cut after the first
+    # EOS or the token that completes a stop string, as our StopChecker does.
+    new = out[0, ids.shape[1]:].tolist()
+    for j, t in enumerate(new):
+        if t in eos:
+            new = new[: j + 1]
+            break
+    if stops:
+        for j in range(len(new)):
+            if _has_stop(tokenizer, new[: j + 1], stops):
+                new = new[: j + 1]
+                break
+    text = tokenizer.decode(new, skip_special_tokens=True)
+    return _Run(new, truncate_at_stop(text, stops), seconds, None)
+
+
+def _has_stop(tokenizer, ids, stops) -> bool:
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    return any(s in text for s in stops)
+
+
+class _StopStringsInText:
+    """A transformers stopping criterion: stop once the new text contains a stop string (our rule)."""
+
+    def __init__(self, tokenizer, stops, prompt_len: int):
+        self.tokenizer, self.stops, self.prompt_len = tokenizer, stops, prompt_len
+
+    def __call__(self, input_ids, scores, **kwargs):  # (B, T) -> (B,) bool
+        done = [_has_stop(self.tokenizer, row[self.prompt_len:].tolist(), self.stops) for row in input_ids]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
+@contextlib.contextmanager
+def _generation_config(model, settings: dict):
+    """Set attributes of model.generation_config for one call; always restore them."""
+    config = model.generation_config
+    saved = {k: getattr(config, k, None) for k in settings}
+    try:
+        for k, v in settings.items():
+            setattr(config, k, v)
+        yield
+    finally:
+        for k, v in saved.items():
+            setattr(config, k, v)
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def _encode(tokenizer, sample: Sample, model, max_new_tokens: int) -> list[int]:
+    """Prompt ids; a prompt too long for the model keeps its last tokens (the "Summary:" end)."""
+    ids = tokenizer(sample.prompt).input_ids
+    if not ids:
+        raise LayerSkipError(f"sample {sample.id}: the prompt encodes to no tokens")
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit and len(ids) + max_new_tokens > limit:
+        keep = limit - max_new_tokens
+        if keep < 1:
+            raise LayerSkipError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt "
+                                 f"in this model's {limit} positions")
+        ids = ids[-keep:]
+    return ids
+
+
+def _eos_ids(model, tokenizer) -> list[int]:
+    """The stop ids both we and transformers use: the generation config's, else the tokenizer's."""
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    if eos is None:
+        eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is None:
+        return []
+    return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
+
+
+def _clock(model) -> float:
+    if model.device.type == "cuda":
+        torch.cuda.synchronize(model.device)
+    return time.perf_counter()
+
+
+# ------------------------------------------------------------------------------- summarizing
+
+
+def _summarize(strategy, runs: list[_Run], baseline: list[_Run], E, d, times) -> StrategyResult:
+    tokens = sum(len(r.token_ids) for r in runs)
+    seconds = sum(r.seconds for r in runs)
+    tps = tokens / seconds if seconds > 0 else 0.0
+    base_tokens = sum(len(r.token_ids) for r in baseline)
+    base_seconds = sum(r.seconds for r in baseline)
+    base_tps = base_tokens / base_seconds if base_seconds > 0 else 0.0
+    match = sum(r.token_ids == b.token_ids for r, b in zip(runs, baseline)) / len(runs)
+    result = StrategyResult(
+        strategy=strategy,
+        exit_layer=E if strategy in ("early_exit", "self_speculative", "transformers_early_exit") else None,
+        num_speculations=d if strategy in ("self_speculative", "transformers_early_exit") else None,
+        tokens_per_second=tps, ms_per_token=1000.0 / tps if tps > 0 else None,
+        speedup=tps / base_tps if base_tps > 0 else None, acceptance_rate=None, match_rate=match,
+        num_new_tokens=tokens, total_s=seconds,
+    )
+    if strategy == "self_speculative":
+        drafted = sum(r.stats.drafted for r in runs)
+        rounds = sum(r.stats.rounds for r in runs)
+        result.acceptance_rate = sum(r.stats.accepted for r in runs) / drafted if drafted else 0.0
+        result.tokens_per_round = tokens / rounds if rounds else None
+        if times is not None and rounds:
+            result.predicted_speedup = cost_model.predicted_speedup(times, tokens / rounds, drafted / rounds)
+    elif strategy == "early_exit" and times is not None:
+        result.predicted_speedup = cost_model.predicted_early_exit_speedup(times)
+    return result
+
+
+def _measure_costs(model, E, spec_runs, prompts, max_new_tokens):
+    """The cost model's step times at this run's typical context and mean drafts per round."""
+    ks = {0}
+    if spec_runs:
+        rounds = sum(r.stats.rounds for r in spec_runs)
+        if rounds:
+            k_mean = sum(r.stats.drafted for r in spec_runs) / rounds
+            ks = {math.floor(k_mean), math.ceil(k_mean)}  # t_v is interpolated between them
+    context = int(sum(len(p) for p in prompts) / len(prompts)) + max_new_tokens // 2
+    return cost_model.measure_step_times(model, E, ks, context_len=context)
+
+
+def machine_info(model) -> dict:
+    """Where the numbers were measured (a benchmark reports its machine)."""
+    import transformers
+
+    info = {
+        "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "device": str(model.device), "dtype": str(model.dtype).replace("torch.", ""),
+        "torch": torch.__version__, "transformers": transformers.__version__,
+    }
+    if hasattr(os, "getloadavg"):  # other work on the machine skews absolute numbers (ratios less so)
+        info["load_average_1min"] = round(os.getloadavg()[0], 2)
+    if model.device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(model.device)
+    return info
+
+
+def _progress(total: int, enabled: bool, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True)
+
+
+def format_table(report: BenchReport) -> str:
+    """The human-readable table printed by `layerskip bench`."""
+    metric_names = sorted({k for r in report.results for k in r.metrics})
+    header = ["strategy", "E", "d", "tok/s", "ms/tok", "speedup", "predicted", "accept", "match"] + metric_names
+    rows = [header]
+    for r in report.results:
+        rows.append([
+            r.strategy.replace("_", "-"), _fmt(r.exit_layer), _fmt(r.num_speculations),
+            _fmt(r.tokens_per_second, ".1f"), _fmt(r.ms_per_token, ".2f"), _fmt(r.speedup, ".2f", "x"),
+            _fmt(r.predicted_speedup, ".2f", "x"), _fmt(r.acceptance_rate, ".2f"), _fmt(r.match_rate, ".2f"),
+            *[_fmt(r.metrics.get(m), ".3f") for m in metric_names],
+        ])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+             for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    title = f"{report.task} · {report.num_samples} samples · {report.max_new_tokens} new tokens max · {report.model}"
+    return title + "\n" + "\n".join(lines)
+
+
+def _fmt(value, spec: str = "", suffix: str = "") -> str:
+    if value is None:
+        return "-"
+    return f"{value:{spec}}{suffix}"

@@ -1,0 +1,189 @@
+"""`layerskip bench`, `layerskip sweep`, `layerskip analyze`: parse, call the library, print.
+
+Heavy imports (torch, transformers) happen inside the commands so that `layerskip --help` stays fast.
+"""
+from __future__ import annotations
+
+import argparse
+
+from layerskip.errors import LayerSkipError
+
+TASK_HELP = "humaneval, cnn_dm, xsum, topv2, or jsonl:PATH"
+
+
+def add_parser(subparsers) -> None:
+    bench = subparsers.add_parser(
+        "bench", help="time decoding strategies side by side on a task and score their output",
+        description="Time autoregressive, early-exit and self-speculative decoding over a task's prompts "
+                    "in one run (warm-up first, strategies interleaved per prompt) and score the completions.")
+    _model_flags(bench)
+    _task_flags(bench, default_task="humaneval")
+    bench.add_argument("--max-new-tokens", type=int, default=128, help="new tokens per prompt at most (default 128)")
+    bench.add_argument("--strategies", default="autoregressive,early-exit,self-speculative",
+                       help="comma-separated; autoregressive (the baseline) is always run")
+    bench.add_argument("--exit-layer", type=int, help="E: layers used to draft / exit (default: stored with the "
+                                                      "model, else L/2)")
+    bench.add_argument("--num-speculations", type=int, help="d: drafts per round (default: stored with the "
+                                                            "model, else 4)")
+    bench.add_argument("--compare-transformers", action="store_true",
+                       help="also time transformers' greedy generate() and generate(assistant_early_exit=E)")
+    bench.add_argument("--no-metrics", action="store_true", help="skip scoring (pass@1, ROUGE, exact match)")
+    bench.add_argument("--json", metavar="FILE", help="write the report as JSON")
+    bench.set_defaults(func=cmd_bench)
+
+    sweep = subparsers.add_parser(
+        "sweep", help="self-speculative speedup over a grid of exit layers and speculation counts",
+        description="Measure self-speculative decoding for every (E, d) pair: a CSV row each, a speedup "
+                    "heatmap, and the best pair. Rerun with the same --out to resume.")
+    _model_flags(sweep)
+    _task_flags(sweep, default_task="humaneval")
+    sweep.add_argument("--exit-layers", required=True, help="E values: a list 2,4,6 or a range A:B:S (B included)")
+    sweep.add_argument("--num-speculations", required=True, help="d values: a list or a range A:B:S")
+    sweep.add_argument("--max-new-tokens", type=int, default=64, help="new tokens per prompt at most (default 64)")
+    sweep.add_argument("--out", required=True, metavar="DIR", help="directory for sweep.csv, sweep.png, sweep.json")
+    sweep.set_defaults(func=cmd_sweep)
+
+    analyze = subparsers.add_parser(
+        "analyze", help="per-layer early-exit agreement with the final layer, and perplexity",
+        description="Teacher-forced on the task's text (prompt + reference) or on --data files: for every "
+                    "layer l, the exit after l layers' top-1 agreement with the final layer and its "
+                    "perplexity. Writes layers.csv and layers.png.")
+    _model_flags(analyze)
+    source = analyze.add_mutually_exclusive_group(required=True)
+    source.add_argument("--task", help=f"a task: {TASK_HELP}")
+    source.add_argument("--data", nargs="+", metavar="FILE", help="text files, or JSONL with a \"text\" field")
+    analyze.add_argument("--data-file", metavar="FILE", help="JSONL to use instead of the task's hub dataset")
+    analyze.add_argument("--limit", type=int, help="use the first N samples / texts")
+    analyze.add_argument("--max-length", type=int, default=512, help="tokens per window (default 512)")
+    analyze.add_argument("--max-tokens", type=int, help="stop after about N scored tokens")
+    analyze.add_argument("--compare", metavar="OTHER_MODEL", help="a second model to overlay (e.g. before training)")
+    analyze.add_argument("--out", required=True, metavar="DIR", help="directory for layers.csv and layers.png")
+    analyze.set_defaults(func=cmd_analyze)
+
+
+def _model_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="a checkpoint directory, hub id, or smollm2-135m (default: the built-in model)")
+    p.add_argument("--dtype", help="float32, float16, bfloat16 or auto (default: float32 on CPU)")
+    p.add_argument("--device", help="cpu, cuda, ... (default: cpu)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+
+
+def _task_flags(p: argparse.ArgumentParser, *, default_task: str) -> None:
+    p.add_argument("--task", default=default_task, help=f"{TASK_HELP} (default {default_task})")
+    p.add_argument("--data-file", metavar="FILE", help="JSONL to use instead of the task's hub dataset")
+    p.add_argument("--limit", type=int, help="use the first N samples (default: all)")
+
+
+def _load_model(args, spec=None):
+    import torch
+
+    from layerskip.models import load
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise LayerSkipError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    return load(spec if spec is not None else args.model, dtype=args.dtype, device=args.device)
+
+
+def _positive(value, flag):
+    if value is not None and value < 1:
+        raise LayerSkipError(f"{flag} must be >= 1, got {value}")
+
+
+# ------------------------------------------------------------------------------------ commands
+
+
+def cmd_bench(args) -> int:
+    from layerskip.evaluation import io
+    from layerskip.evaluation.bench import format_table, parse_strategies, run_bench
+    from layerskip.evaluation.tasks import load_task
+
+    _positive(args.max_new_tokens, "--max-new-tokens")
+    _positive(args.num_speculations, "--num-speculations")
+    strategies = parse_strategies(args.strategies)
+    task = load_task(args.task, data_file=args.data_file, limit=args.limit)
+    model, tokenizer = _load_model(args)
+    report = run_bench(model, tokenizer, task, strategies=strategies, exit_layer=args.exit_layer,
+                       num_speculations=args.num_speculations, max_new_tokens=args.max_new_tokens,
+                       compare_transformers=args.compare_transformers, score=not args.no_metrics,
+                       model_name=args.model or "default")
+    print(format_table(report))
+    if args.json:
+        io.write_json(args.json, report.to_dict())
+        print(f"wrote {args.json}")
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from layerskip.evaluation.sweep import parse_int_list, run_sweep
+    from layerskip.evaluation.tasks import load_task
+
+    exit_layers = parse_int_list(args.exit_layers, "--exit-layers")
+    specs = parse_int_list(args.num_speculations, "--num-speculations")
+    _positive(args.max_new_tokens, "--max-new-tokens")
+    task = load_task(args.task, data_file=args.data_file, limit=args.limit)
+    model, tokenizer = _load_model(args)
+    result = run_sweep(model, tokenizer, task, exit_layers, specs, args.out, max_new_tokens=args.max_new_tokens,
+                       model_name=args.model or "default")
+    if result.measured < len(exit_layers) * len(specs):
+        print(f"resumed: {len(exit_layers) * len(specs) - result.measured} (E, d) pairs were already in {result.csv_path}")
+    cols = ["E", "d", "tok/s", "AR tok/s", "speedup", "predicted", "accept", "tok/round"]
+    rows = [[str(r["exit_layer"]), str(r["num_speculations"]), _f(r["tokens_per_second"], ".1f"),
+             _f(r["ar_tokens_per_second"], ".1f"), _f(r["speedup"], ".2f", "x"), _f(r["predicted_speedup"], ".2f", "x"),
+             _f(r["acceptance_rate"], ".2f"), _f(r["tokens_per_round"], ".2f")] for r in result.rows]
+    print(_table(cols, rows))
+    best = result.best
+    if best:
+        print(f"best: exit_layer={best['exit_layer']} num_speculations={best['num_speculations']} "
+              f"speedup={best['speedup']:.2f}x acceptance={_f(best['acceptance_rate'], '.2f')}")
+    print(f"wrote {result.csv_path}, {result.png_path}, {result.json_path}")
+    return 0
+
+
+def cmd_analyze(args) -> int:
+    from layerskip.evaluation.analyze import analyze_layers, read_texts, write_analysis
+    from layerskip.evaluation.tasks import load_task
+
+    _positive(args.limit, "--limit")
+    _positive(args.max_tokens, "--max-tokens")
+    if args.max_length < 2:
+        raise LayerSkipError(f"--max-length must be >= 2, got {args.max_length}")
+    if args.task:
+        texts = load_task(args.task, data_file=args.data_file, limit=args.limit).texts()
+        source = args.task
+    else:
+        texts = read_texts(args.data)[: args.limit]
+        source = ", ".join(args.data)
+    results = {}
+    specs = [args.model] + ([args.compare] if args.compare else [])
+    labels = _labels(specs)
+    for spec, label in zip(specs, labels):
+        model, tokenizer = _load_model(args, spec)
+        results[label] = analyze_layers(model, tokenizer, texts, max_length=args.max_length,
+                                        max_tokens=args.max_tokens, progress=True)
+        del model
+    csv_path, png_path = write_analysis(results, args.out, title=f"{' vs '.join(labels)} · {source}")
+    cols = ["model", "layer", "agreement", "perplexity", "accuracy"]
+    rows = [[label, str(s.layer), f"{s.agreement:.3f}", f"{s.perplexity:.2f}", f"{s.accuracy:.3f}"]
+            for label, stats in results.items() for s in stats]
+    print(_table(cols, rows))
+    print(f"wrote {csv_path}, {png_path}")
+    return 0
+
+
+def _labels(specs) -> list[str]:
+    labels = [s or "default" for s in specs]
+    if len(labels) == 2 and labels[0] == labels[1]:
+        labels = [f"{labels[0]} (1)", f"{labels[1]} (2)"]
+    return labels
+
+
+def _f(value, spec, suffix=""):
+    return "-" if value is None else f"{value:{spec}}{suffix}"
+
+
+def _table(header, rows) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    line = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+    return "\n".join([line(header), "  ".join("-" * w for w in widths)] + [line(r) for r in rows])

@@ -1,0 +1,146 @@
+"""The cost model of self-speculative decoding: what speedup the per-step costs allow.
+
+Terminology (DESIGN.md "Cost model"): L layers, exit layer E, k drafts in a round.
+  t_E     one draft step: one token through layers [0, E) + final norm + LM head + argmax.
+  t_v(k)  one verify pass: the last draft through [0, E), then layers [E, L) on k + 1 positions,
+          norm + head on all k + 1.
+  t_ar    one autoregressive step: one token through all L layers + norm + head + argmax.
+  n̄       mean tokens emitted per round (accepted drafts + the verifier's own token).
+
+  predicted speedup = n̄ · t_ar / (k · t_E + t_v(k))
+
+Each time is measured in isolation with the decoding engine's own forward (`layerskip.forward`) over
+a KV cache holding `context_len` positions, so the prediction leaves out exactly the decode loop's
+own overhead (token bookkeeping, stop checks, Python): measured / predicted says how much of the
+ideal the loop delivers. With an i.i.d. per-token acceptance α, n̄ = (1 − α^(k+1)) / (1 − α)
+(Leviathan et al. 2023). On a GPU t_v(k) ≈ t_ar for small k; on a CPU it grows with k.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from layerskip.decoding.api import layer_stack
+from layerskip.decoding.timing import clock
+from layerskip.errors import LayerSkipError
+
+
+@dataclass
+class StepTimes:
+    """Isolated per-step costs in seconds (medians over repeats)."""
+
+    exit_layer: int
+    context_len: int
+    t_draft: float  # t_E
+    t_ar: float
+    t_verify: dict[int, float] = field(default_factory=dict)  # k -> t_v(k)
+
+    def verify_time(self, k: float) -> float:
+        """t_v at a (possibly fractional, mean) k: linear between the measured neighbours."""
+        lo, hi = math.floor(k), math.ceil(k)
+        if lo not in self.t_verify or hi not in self.t_verify:
+            raise KeyError(f"t_v not measured at k={lo} and k={hi}; have {sorted(self.t_verify)}")
+        if lo == hi:
+            return self.t_verify[lo]
+        return self.t_verify[lo] + (k - lo) * (self.t_verify[hi] - self.t_verify[lo])
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["t_verify"] = {str(k): v for k, v in sorted(self.t_verify.items())}
+        return d
+
+
+def expected_tokens_per_round(alpha: float, k: int) -> float:
+    """n̄ = (1 − α^(k+1)) / (1 − α): mean tokens per round with i.i.d. acceptance α and k drafts."""
+    if not 0 <= alpha <= 1:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    if alpha == 1:
+        return k + 1.0
+    return (1 - alpha ** (k + 1)) / (1 - alpha)
+
+
+def predicted_speedup(times: StepTimes, tokens_per_round: float, drafts_per_round: float) -> float:
+    """n̄ · t_ar / (k̄ · t_E + t_v(k̄)); k̄ may be fractional (a run's mean drafts per round)."""
+    cost = drafts_per_round * times.t_draft + times.verify_time(drafts_per_round)
+    return tokens_per_round * times.t_ar / cost
+
+
+def predicted_early_exit_speedup(times: StepTimes) -> float:
+    """Early exit emits one token per draft-sized step: t_ar / t_E."""
+    return times.t_ar / times.t_draft
+
+
+def measure_step_times(model, exit_layer: int, ks, *, context_len: int = 64, repeats: int = 15,
+                       warmup: int = 3) -> StepTimes:
+    """Time t_E, t_ar and t_v(k) for each k in `ks`, each in isolation, with a cache of `context_len`.
+
+    Args:
+        model: a loaded supported transformers model.
+        exit_layer: E, 1 <= E < L.
+        ks: draft counts to time the verify pass at (each >= 0).
+        context_len: positions already in the cache (e.g. a typical prompt + half the new tokens).
+        repeats, warmup: timed and untimed repetitions per piece; the median is kept.
+    Returns:
+        StepTimes.
+    """
+    stack = layer_stack(model)
+    L = stack.num_layers
+    if not 1 <= exit_layer < L:
+        raise LayerSkipError(f"exit_layer must be in [1, {L - 1}] for this {L}-layer model, got {exit_layer}")
+    ks = sorted({int(k) for k in ks})
+    max_k = max(ks, default=0)
+    if stack.max_positions:
+        context_len = max(1, min(context_len, stack.max_positions - max_k - 2))
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, stack.vocab_size, (1, context_len + max_k + 2), generator=gen).to(stack.device)
+    cache = stack.new_cache(context_len + max_k + 2)
+    T = context_len
+
+    def step(num_layers: int) -> None:  # one token at position T through [0, num_layers) + head
+        h = stack.run(stack.embed(ids[:, T:T + 1]), 0, num_layers, cache, T)  # (1, 1, H)
+        stack.logits(h[:, -1]).argmax(-1)
+
+    with torch.inference_mode():
+        stack.run(stack.embed(ids[:, :T]), 0, L, cache, 0)  # the context, in every layer
+        t_draft = _median_time(lambda: step(exit_layer), lambda: _reset(cache, [T] * L), repeats, warmup, stack)
+        t_ar = _median_time(lambda: step(L), lambda: _reset(cache, [T] * L), repeats, warmup, stack)
+        t_verify = {}
+        for k in ks:
+            # The round's state before verifying: early layers hold x0, d1..d_{k-1} (T + k positions);
+            # the exit cache holds their hidden states; late layers hold the context only.
+            if k:
+                exits = stack.run(stack.embed(ids[:, T:T + k]), 0, exit_layer, cache, T)  # (1, k, H)
+            else:
+                exits = stack.embed(ids[:, :0])  # (1, 0, H)
+            valid = [T + k] * exit_layer + [T] * (L - exit_layer)
+            _reset(cache, valid)
+
+            def verify(k=k, exits=exits):
+                last = stack.run(stack.embed(ids[:, T + k:T + k + 1]), 0, exit_layer, cache, T + k)  # (1, 1, H)
+                h = stack.run(torch.cat([exits, last], 1), exit_layer, L, cache, T)  # (1, k + 1, H)
+                stack.logits(h[0]).argmax(-1)  # (k + 1,)
+
+            t_verify[k] = _median_time(verify, lambda v=valid: _reset(cache, v), repeats, warmup, stack)
+            _reset(cache, [T] * L)
+    return StepTimes(exit_layer=exit_layer, context_len=T, t_draft=t_draft, t_ar=t_ar, t_verify=t_verify)
+
+
+def _reset(cache, valid: list[int]) -> None:
+    """Set each layer's valid length (the cache's rollback, per layer)."""
+    cache.valid = list(valid)
+
+
+def _median_time(fn, reset, repeats: int, warmup: int, stack) -> float:
+    times = []
+    for i in range(warmup + repeats):
+        reset()
+        t0 = clock(stack.device)
+        fn()
+        t1 = clock(stack.device)
+        if i >= warmup:
+            times.append(t1 - t0)
+    reset()
+    return statistics.median(times)

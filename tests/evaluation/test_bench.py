@@ -1,0 +1,81 @@
+"""The benchmark: every strategy side by side, lossless match rate, metrics, transformers comparison."""
+import pytest
+
+from layerskip.errors import LayerSkipError
+from layerskip.evaluation.bench import format_table, parse_strategies, run_bench
+from layerskip.evaluation.tasks import load_task
+
+
+@pytest.fixture
+def prompts_task(write_jsonl):
+    rows = [{"prompt": "def add(a, b):", "reference": "\n    return a + b"},
+            {"prompt": "The quick brown fox", "reference": " jumps"},
+            {"prompt": "Article: The cat sat.\nSummary:", "reference": " A cat sat.", "stop": ["\n\n"]}]
+    return load_task(f"jsonl:{write_jsonl('p.jsonl', rows)}")
+
+
+def test_bench_reports_every_strategy(tiny_exact, tokenizer, prompts_task):
+    report = run_bench(tiny_exact, tokenizer, prompts_task, exit_layer=2, num_speculations=3,
+                       max_new_tokens=12, progress=False)
+    doc = report.to_dict()
+    assert doc["num_samples"] == 3 and doc["task"].startswith("jsonl:")
+    assert [r["strategy"] for r in doc["results"]] == ["autoregressive", "early_exit", "self_speculative"]
+    ar, ee, ss = report.results
+    assert ar.speedup == pytest.approx(1.0) and ar.match_rate == 1.0 and ar.acceptance_rate is None
+    # Layers >= 2 are identities: early exit at 2 is exact, and every draft is accepted.
+    assert ee.match_rate == 1.0 and ss.match_rate == 1.0 and ss.acceptance_rate == 1.0
+    assert ss.exit_layer == 2 and ss.num_speculations == 3 and ee.num_speculations is None
+    assert ss.predicted_speedup > 0 and ee.predicted_speedup > 0
+    assert ss.tokens_per_round > 1
+    for r in report.results:
+        assert r.tokens_per_second > 0 and r.ms_per_token == pytest.approx(1000 / r.tokens_per_second)
+        assert set(r.metrics) == {"exact_match", "rouge1", "rouge2", "rougeL"}
+    assert "self-speculative" in format_table(report)
+
+
+def test_self_speculative_is_lossless_on_a_random_model(tiny, tokenizer, prompts_task):
+    report = run_bench(tiny, tokenizer, prompts_task, strategies="self-speculative", exit_layer=1,
+                       num_speculations=4, max_new_tokens=10, progress=False, score=False, predict=False)
+    ss = report.result("self_speculative")
+    assert ss.match_rate == 1.0
+    assert report.token_ids["self_speculative"] == report.token_ids["autoregressive"]
+
+
+def test_compare_transformers_matches_our_greedy(tiny_exact, tokenizer, prompts_task):
+    report = run_bench(tiny_exact, tokenizer, prompts_task, strategies="self_speculative", exit_layer=2,
+                       num_speculations=3, max_new_tokens=10, compare_transformers=True, progress=False,
+                       score=False, predict=False)
+    names = [r.strategy for r in report.results]
+    assert names == ["autoregressive", "self_speculative", "transformers_greedy", "transformers_early_exit"]
+    assert report.result("transformers_greedy").match_rate == 1.0
+    assert report.result("transformers_early_exit").match_rate == 1.0
+    assert report.result("transformers_early_exit").num_speculations == 3
+    # The generation config is restored after the assistant_early_exit call.
+    assert tiny_exact.generation_config.num_assistant_tokens is None
+    assert tiny_exact.generation_config.assistant_confidence_threshold is None
+
+
+def test_strategy_names():
+    assert parse_strategies("self-speculative,early-exit") == ["autoregressive", "self_speculative", "early_exit"]
+    with pytest.raises(LayerSkipError, match="unknown strategy"):
+        parse_strategies("beam")
+    with pytest.raises(LayerSkipError, match="empty"):
+        parse_strategies(" , ")
+
+
+def test_compare_transformers_with_a_stop_string_that_fires(tiny, tokenizer, write_jsonl):
+    import layerskip
+
+    prompt = "The quick brown fox"
+    ids = tokenizer(prompt).input_ids
+    text = layerskip.generate(tiny, ids, max_new_tokens=16, tokenizer=tokenizer, eos_token_id=[]).text
+    stop = text[len(text) // 2:len(text) // 2 + 2]
+    assert stop
+    task = load_task(f"jsonl:{write_jsonl('s.jsonl', [{'prompt': prompt, 'stop': [stop]}])}")
+    report = run_bench(tiny, tokenizer, task, strategies="self_speculative", exit_layer=1, num_speculations=4,
+                       max_new_tokens=16, compare_transformers=True, progress=False, score=False, predict=False)
+    ours = report.token_ids["autoregressive"][0]
+    assert len(ours) < 16 and stop in tokenizer.decode(ours)  # the stop string fired
+    assert stop not in report.completions["autoregressive"][0]  # and is cut from the text
+    for name in ("self_speculative", "transformers_greedy", "transformers_early_exit"):
+        assert report.token_ids[name][0] == ours, name
