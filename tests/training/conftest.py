@@ -48,3 +48,15 @@ def tiny_data(tmp_path):
     for i in range(4):
         (d / "pkg" / f"m{i}.py").write_text(TEXT * (i + 1))
     return d
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread per test: on a shared 2-core machine, OpenMP threads waiting on each other under
+    load make tiny-model steps hundreds of times slower. Restored afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

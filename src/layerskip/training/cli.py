@@ -73,13 +73,18 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def run(args: argparse.Namespace) -> int:
+def config_from_args(args: argparse.Namespace):
+    """The TrainConfig for parsed `layerskip train` arguments (preset < --config recipe < flags)."""
     from layerskip.training.config import build_config, field_names
-    from layerskip.training.trainer import train
 
     overrides = {k: getattr(args, k, None) for k in field_names() if k != "preset"}
-    config = build_config(recipe=args.config, preset=args.preset, **overrides)
-    result = train(config)
+    return build_config(recipe=args.config, preset=args.preset, **overrides)
+
+
+def run(args: argparse.Namespace) -> int:
+    from layerskip.training.trainer import train
+
+    result = train(config_from_args(args))
     if os.environ.get("RANK", "0") != "0":  # under torchrun, only the main process prints
         return 0
     if result.eval_metrics:

@@ -11,9 +11,9 @@
   tokens_per_second  tokens of this step (all ranks) / its wall time (forward, backward, optimizer;
                      data loading, evaluation and checkpointing excluded)
 
-The loss is checked before the optimizer applies the step: a NaN or infinite loss (on any rank: the check is
-on the all-reduced value, so every rank decides alike) raises `NonFiniteLoss`, and the weights stay those of
-the last good step.
+The loss and the gradient norm are checked before the optimizer applies the step: a NaN or infinite value (on
+any rank: the check is on all-reduced values, so every rank decides alike) raises `NonFiniteLoss`, and the
+weights stay those of the last good step.
 """
 from __future__ import annotations
 
@@ -30,11 +30,19 @@ LOG_NAME = "training_log.jsonl"
 
 
 class NonFiniteLoss(RuntimeError):
-    """The loss of optimizer step `step` (1-based) is NaN or infinite; that step was not applied."""
+    """The loss (or the gradient) of optimizer step `step` (1-based) is NaN or infinite; it was not applied."""
 
-    def __init__(self, step: int, loss: float):
-        super().__init__(f"loss is {loss} at step {step}")
-        self.step, self.loss = step, loss
+    def __init__(self, step: int, value: float, what: str = "loss"):
+        super().__init__(f"{what} is {value} at step {step}")
+        self.step, self.value, self.what = step, value, what
+
+
+def _grad_norm(model) -> torch.Tensor:
+    """The gradients' 2-norm on this rank (NaN/inf if any gradient is), as a 0-dim tensor; no host sync."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None] if model is not None else []
+    if not grads:
+        return torch.zeros(())
+    return torch.nn.utils.get_total_norm(grads, norm_type=2.0)
 
 
 class StepStats:
@@ -59,18 +67,23 @@ class StepStats:
         self.micro += 1
         self.tokens += tokens
 
-    def reduce(self, device) -> tuple[float, dict[int, float], int]:
-        """(mean loss, {layer: mean CE}, total tokens) over micro-batches and, when distributed, ranks."""
+    def reduce(self, device, grad_norm: torch.Tensor) -> tuple[float, dict[int, float], int, float]:
+        """(mean loss, {layer: mean CE}, total tokens, grad-norm sum) over micro-batches and ranks.
+
+        One all-reduce carries everything; a NaN/inf on any rank shows in the sums on every rank.
+        """
         layers = sorted(self.exit_sums)
         parts = [self.loss if self.loss is not None else torch.tensor(float("nan"))]
         parts += [self.exit_sums[l] for l in layers]
-        vec = torch.stack([p.to(device) for p in parts] + [torch.tensor(float(self.micro), device=device),
-                                                          torch.tensor(float(self.tokens), device=device)])
+        extra = [float(self.micro), float(self.tokens)]
+        vec = torch.stack([p.to(device).float() for p in parts] + [grad_norm.to(device).float()]
+                          + [torch.tensor(x, device=device) for x in extra])
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(vec)
         vec = vec.cpu().tolist()
         micro = max(vec[-2], 1.0)
-        return vec[0] / micro, {l: vec[1 + i] / micro for i, l in enumerate(layers)}, int(vec[-1])
+        exits = {l: vec[1 + i] / micro for i, l in enumerate(layers)}
+        return vec[0] / micro, exits, int(vec[-1]), vec[-3]
 
 
 class TrainingLog:
@@ -124,12 +137,13 @@ class StepLogger(TrainerCallback):
     def on_step_begin(self, args, state, control, **kwargs):
         self._t0 = time.perf_counter()
 
-    def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
-        loss, exits, tokens = self.stats.reduce(args.device)
+    def on_pre_optimizer_step(self, args, state, control, optimizer=None, model=None, **kwargs):
+        loss, exits, tokens, grad_norm = self.stats.reduce(args.device, _grad_norm(model))
         step = state.global_step + 1
-        if not math.isfinite(loss):
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             self.stats.reset()
-            raise NonFiniteLoss(step, loss)
+            raise NonFiniteLoss(step, loss if not math.isfinite(loss) else grad_norm, "loss" if
+                                not math.isfinite(loss) else "gradient norm")
         rates, weights = self.schedule(state.global_step)
         self._lr = optimizer.param_groups[0]["lr"] if optimizer is not None else None
         self.last = {

@@ -38,9 +38,12 @@ _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 @dataclass
 class TrainResult:
+    """Where the model went, how many optimizer steps it has, its held-out metrics, and the model itself."""
+
     output_dir: Path
     steps: int
     eval_metrics: dict
+    model: torch.nn.Module  # the trained causal LM (this process's replica)
 
 
 class LayerSkipTrainer(Trainer):
@@ -142,7 +145,7 @@ class LayerSkipTrainer(Trainer):
         """Load a checkpoint's weights into the wrapper (same parameter names); tied heads may be absent."""
         if self.is_fsdp_enabled:
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        from transformers.modeling_utils import load_sharded_checkpoint
+        from transformers.trainer_utils import load_sharded_checkpoint
         import safetensors.torch
 
         target = model or self.model
@@ -201,19 +204,26 @@ def train(config: TrainConfig) -> TrainResult:
         raise LayerSkipError(_stop_on_nan(trainer, e, out)) from None
     trainer.save_model(str(out))
     metrics = trainer.evaluate() if eval_set is not None and config.eval_steps == 0 else {}
-    return TrainResult(out, trainer.state.global_step, metrics)
+    return TrainResult(out, trainer.state.global_step, metrics, causal_lm)
 
 
 def _stop_on_nan(trainer: LayerSkipTrainer, e: NonFiniteLoss, out: Path) -> str:
-    """Save the last good state (the step before the bad one was not applied) and say where it is."""
+    """Save the last good state (the bad step was not applied) and say where it is."""
+    for cb in trainer.callback_handler.callbacks:  # close the progress bar, so the error is the last line
+        if getattr(cb, "training_bar", None) is not None:
+            cb.training_bar.close()
+            cb.training_bar = None
     good = e.step - 1
-    if good == 0:
-        return f"loss is {e.loss} at the first step; nothing was trained or saved (lower --lr, check the data)"
-    if not (out / f"checkpoint-{good}").exists():
+    head = f"{e.what} is {e.value} at step {e.step}; stopped before applying it."
+    finite = all(bool(torch.isfinite(p).all()) for p in trainer.model.parameters())
+    if good > 0 and finite and not (out / f"checkpoint-{good}").exists():
         trainer._save_checkpoint(trainer.model_wrapped, trial=None)
+    saved = [p for p in list_checkpoints(out) if _checkpoint_step(p) <= good]
+    if not saved:
+        return f"{head} No checkpoint was saved before it (lower --lr, or check the data)"
     return (
-        f"loss is {e.loss} at step {e.step}; stopped before applying it. The last good state is "
-        f"{out / f'checkpoint-{good}'} (resume with --resume latest, after lowering --lr or fixing the data)"
+        f"{head} The last good state is {saved[-1]} (resume with --resume latest, after lowering --lr or fixing "
+        "the data)"
     )
 
 

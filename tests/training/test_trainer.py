@@ -1,0 +1,168 @@
+"""End-to-end `layerskip train` runs on a tiny model: outputs, resume, NaN stop, and every bad-input error."""
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from layerskip import models
+from layerskip.cli import main
+from layerskip.training.curriculum import Curriculum
+from layerskip.training.early_exit_loss import exit_weights
+from layerskip.training.layer_dropout import LayerDropout
+
+TINY = ["--batch-size", "4", "--seq-len", "16", "--logging-steps", "1", "--report-to", "none"]
+
+
+def _train(capsys, *argv):
+    rc = main(["train", *TINY, *map(str, argv)])
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err
+
+
+def _log(out_dir):
+    return [json.loads(line) for line in (out_dir / "training_log.jsonl").read_text().splitlines()]
+
+
+def test_train_writes_the_log_checkpoints_and_a_loadable_model(tiny_ckpt, tiny_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    rc, stdout, _ = _train(capsys, "--model", tiny_ckpt, "--data", tiny_data, "--output-dir", out,
+                           "--max-steps", 4, "--save-steps", 2, "--layer-dropout-max", 0.3,
+                           "--curriculum", "rotational", "--rotation", 2, "--early-exit-scale", 0.5)
+    assert rc == 0 and "model saved to" in stdout
+    log = _log(out)
+    assert [r["step"] for r in log] == [1, 2, 3, 4]
+    dropout = LayerDropout(4, 0.3)
+    curriculum = Curriculum("rotational", 4, rotation=2)
+    for r in log:
+        t = r["step"] - 1
+        weights = exit_weights(4, curriculum.active(t), 0.5)
+        assert r["exit_weights"] == pytest.approx({str(l): w for l, w in weights.items()})
+        assert set(r["exit_losses"]) == set(r["exit_weights"])
+        assert r["layer_dropout"] == pytest.approx(dropout.rates(t))
+        assert r["loss"] == pytest.approx(sum(weights[int(l)] * v for l, v in r["exit_losses"].items()), rel=1e-5)
+        assert r["learning_rate"] > 0 and r["tokens_per_second"] > 0 and r["tokens"] == 4 * 16
+    for where in (out, out / "checkpoint-2", out / "checkpoint-4"):
+        model, tok = models.load(str(where))
+        assert tok is not None and model.config.num_hidden_layers == 4
+    before = load_file(f"{tiny_ckpt}/model.safetensors")
+    after = load_file(f"{out}/model.safetensors")
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert not (out / ".staging").exists()
+    assert json.loads((out / "layerskip_train.json").read_text())["rotation"] == 2
+
+
+@pytest.mark.parametrize("curriculum,extra", [
+    ("rotational", ["--rotation", 2, "--layer-dropout-schedule", "exponential", "--grad-accum", 2]),
+    ("gradual", ["--layer-dropout-depth", "linear"]),
+])
+def test_resume_gives_the_same_next_steps_as_an_uninterrupted_run(tiny_ckpt, tiny_data, tmp_path, capsys,
+                                                                   curriculum, extra):
+    args = ["--model", tiny_ckpt, "--data", tiny_data, "--max-steps", 4, "--save-steps", 2,
+            "--layer-dropout-max", 0.5, "--curriculum", curriculum, "--eval-fraction", 0, *extra]
+    whole = tmp_path / "whole"
+    assert _train(capsys, *args, "--output-dir", whole)[0] == 0
+    # an "interrupted" run: the same directory as it stood after step 2 (plus a stray step-3 log line)
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    shutil.copytree(whole / "checkpoint-2", cut / "checkpoint-2")
+    shutil.copy(whole / "training_log.jsonl", cut / "training_log.jsonl")
+    lines = (cut / "training_log.jsonl").read_text().splitlines()
+    (cut / "training_log.jsonl").write_text("\n".join(lines[:3]) + "\n")
+    assert _train(capsys, *args, "--output-dir", cut, "--resume")[0] == 0
+    a, b = _log(whole), _log(cut)
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    for ra, rb in zip(a[2:], b[2:]):
+        assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-6, abs=1e-7)
+        assert rb["exit_losses"] == pytest.approx(ra["exit_losses"], rel=1e-6, abs=1e-7)
+        assert rb["exit_weights"] == ra["exit_weights"] and rb["layer_dropout"] == ra["layer_dropout"]
+        assert rb["learning_rate"] == pytest.approx(ra["learning_rate"])
+    wa, wb = load_file(f"{whole}/model.safetensors"), load_file(f"{cut}/model.safetensors")
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-5, atol=1e-6)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_state(tiny_ckpt, tiny_data, tmp_path, capsys):
+    out = tmp_path / "nan"
+    rc, _, err = _train(capsys, "--model", tiny_ckpt, "--data", tiny_data, "--output-dir", out,
+                        "--max-steps", 8, "--save-steps", 0, "--lr", 1e3, "--max-grad-norm", 0,
+                        "--layer-dropout-max", 0)
+    assert rc == 2 and "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    # here the gradients of step 2 overflow first; a NaN loss takes the same path (next test)
+    assert last.startswith(("layerskip: error: loss is", "layerskip: error: gradient norm is"))
+    assert "stopped before applying it" in last
+    log = _log(out)
+    bad_step = len(log) + 1
+    assert f"step {bad_step}" in last and all(torch.isfinite(torch.tensor(r["loss"])) for r in log)
+    good = out / f"checkpoint-{bad_step - 1}"
+    assert str(good) in last
+    model, _ = models.load(str(good))
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert not (out / "model.safetensors").exists()  # no final model from a failed run
+
+
+def test_nan_loss_at_the_first_step_saves_nothing(tiny_ckpt, tiny_data, tmp_path, capsys):
+    broken = tmp_path / "broken"
+    model, tok = models.load(str(tiny_ckpt))
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
+    model.save_pretrained(broken)
+    tok.save_pretrained(broken)
+    out = tmp_path / "out"
+    rc, _, err = _train(capsys, "--model", broken, "--data", tiny_data, "--output-dir", out, "--max-steps", 3)
+    assert rc == 2 and "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("layerskip: error: loss is nan at step 1; stopped before applying it.")
+    assert "No checkpoint was saved" in last
+    assert not list(out.glob("checkpoint-*")) and not (out / "model.safetensors").exists()
+
+
+def test_pretraining_from_scratch_with_init(tiny_ckpt, tiny_data, tmp_path, capsys):
+    out = tmp_path / "scratch"
+    rc, _, _ = _train(capsys, "--init", f"{tiny_ckpt}/config.json", "--tokenizer", tiny_ckpt, "--data", tiny_data,
+                      "--output-dir", out, "--max-steps", 3, "--preset", "pretraining_from_scratch",
+                      "--save-steps", 0)
+    assert rc == 0
+    log = _log(out)
+    assert log[0]["layer_dropout"] == [0.0] * 4  # S(0) = 0
+    assert log[-1]["layer_dropout"] == pytest.approx(LayerDropout(4, 0.2).rates(0))  # S(T-1) = 1
+    fresh = load_file(f"{out}/model.safetensors")
+    assert not torch.equal(fresh["model.layers.0.mlp.up_proj.weight"],
+                           load_file(f"{tiny_ckpt}/model.safetensors")["model.layers.0.mlp.up_proj.weight"])
+
+
+def _std(c, data, out, *extra):
+    return ["--model", c, "--data", data, "--output-dir", out, "--max-steps", 2, *extra]
+
+
+BAD_INPUTS = [  # (d: a scratch dir, c: the tiny checkpoint, data, out) -> argv, and the message expected
+    (lambda d, c, data, out: _std(c, d / "missing.txt", out), "no such file"),
+    (lambda d, c, data, out: _std(c, (d / "empty").mkdir() or d / "empty", out), "has no files"),
+    (lambda d, c, data, out: _std(c, (d / "t.txt").write_text("hi") and d / "t.txt", out), "fewer than one block"),
+    (lambda d, c, data, out: _std(c, data, out, "--seq-len", 128), "beyond the model's 64 positions"),
+    (lambda d, c, data, out: _std(c, data, out, "--preset", "turbo"), "unknown preset 'turbo'"),
+    (lambda d, c, data, out: _std(c, data, out, "--layer-dropout-max", 1.0), "must be in [0, 1)"),
+    (lambda d, c, data, out: _std(c, data, out, "--layer-dropout-max", -0.5), "must be in [0, 1)"),
+    (lambda d, c, data, out: _std(c, data, out, "--config", (d / "r.yaml").write_text("rotations: 3\n") and d / "r.yaml"),
+     "unknown key(s) rotations"),
+    (lambda d, c, data, out: _std(c, data, out, "--curriculum", "sideways"), "--curriculum must be one of"),
+    (lambda d, c, data, out: _std(c, data, out, "--resume"), "no checkpoint-N directory"),
+    (lambda d, c, data, out: _std(c, data, out, "--resume", d), "not a training checkpoint"),
+    (lambda d, c, data, out: _std(d / "nowhere", data, out), "no such directory"),
+    (lambda d, c, data, out: ["--init", d / "nowhere.json", "--data", data, "--output-dir", out], "--init"),
+    (lambda d, c, data, out: ["--data", data, "--output-dir", out, "--model", c, "--init", c], "either --model"),
+    (lambda d, c, data, out: ["--model", c, "--output-dir", out], "no training data"),
+]
+
+
+@pytest.mark.parametrize("make_args,message", BAD_INPUTS)
+def test_bad_input_is_one_clear_line_and_writes_nothing(tiny_ckpt, tiny_data, tmp_path, capsys, make_args, message):
+    out = tmp_path / "out"
+    rc, stdout, err = _train(capsys, *make_args(tmp_path, tiny_ckpt, tiny_data, out))
+    assert rc == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("layerskip: error: ") and message in lines[0]
+    assert not out.exists()
