@@ -16,9 +16,32 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from layerskip.cache import KVCache
 from layerskip.models import check_supported
+
+
+# Few-row matmuls on CPU. Decoding multiplies 1 to ~12 rows by large weight matrices that do not stay
+# in cache. There, MKL's path for x @ W.T (a GEMV for one row, a GEMM that repacks W for a few rows)
+# streams weights at about half the memory bandwidth that a GEMM computing W @ x.T reaches (measured
+# with 2 threads, fp32: 1 row 33 ms vs 15 ms, 9 rows 56 ms vs 44 ms over 400 MB of weights; past ~12
+# rows the usual path wins). Same arithmetic, another kernel; see docs/benchmarks.md.
+SMALL_GEMM_MAX_ROWS = 12
+
+
+def linear(x: torch.Tensor, layer: nn.Module, small_gemm: bool) -> torch.Tensor:
+    """layer(x) for x (..., in); on CPU with few rows, through W @ x.T (see above)."""
+    rows = x.numel() // x.shape[-1]
+    if not small_gemm or rows > SMALL_GEMM_MAX_ROWS or type(layer) is not nn.Linear:
+        return layer(x)
+    x2 = x.reshape(rows, -1)  # (M, in)
+    if rows == 1:
+        x2 = torch.cat([x2, x2])  # a 2-column GEMM streams the weight faster than the GEMV
+    y = (layer.weight @ x2.T).T[:rows]  # (M, out)
+    if layer.bias is not None:
+        y = y + layer.bias
+    return y.reshape(*x.shape[:-1], -1)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -62,6 +85,7 @@ class LayerStack:
         self.windows = _sliding_windows(cfg, self.num_layers)
         self.max_positions = getattr(cfg, "max_position_embeddings", None)
         self.vocab_size = cfg.vocab_size
+        self.small_gemm = self.device.type == "cpu"
         self._cos = self._sin = None
 
     @property
@@ -84,7 +108,7 @@ class LayerStack:
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm + LM head on any layer's output: (..., H) -> (..., V)."""
-        return self.lm_head(self.norm(h))
+        return linear(self.norm(h), self.lm_head, self.small_gemm)
 
     def run(self, h: torch.Tensor, start: int, end: int, cache: KVCache, pos: int) -> torch.Tensor:
         """Apply layers [start, end) to h (B, T, H) whose first token is at position `pos`.
@@ -101,16 +125,22 @@ class LayerStack:
                 masks[window] = _attention_mask(pos, T, window, h.device)
             layer = self.layers[i]
             h = h + self._attention(i, layer.self_attn, layer.input_layernorm(h), cache, pos, cos, sin, masks[window])
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
+            h = h + self._mlp(layer.mlp, layer.post_attention_layernorm(h))
         return h
 
     # ---- internals -----------------------------------------------------------------------
+    def _mlp(self, mlp, x):
+        """The gated MLP of the Llama family: down(act(gate(x)) * up(x))."""
+        g = self.small_gemm
+        return linear(mlp.act_fn(linear(x, mlp.gate_proj, g)) * linear(x, mlp.up_proj, g), mlp.down_proj, g)
+
     def _attention(self, i, attn, x, cache, pos, cos, sin, mask):
         B, T, _ = x.shape
         D = self.head_dim
-        q = attn.q_proj(x).view(B, T, -1, D)  # (B, T, Hq, D)
-        k = attn.k_proj(x).view(B, T, -1, D)  # (B, T, Hkv, D)
-        v = attn.v_proj(x).view(B, T, -1, D).transpose(1, 2)  # (B, Hkv, T, D)
+        g = self.small_gemm
+        q = linear(x, attn.q_proj, g).view(B, T, -1, D)  # (B, T, Hq, D)
+        k = linear(x, attn.k_proj, g).view(B, T, -1, D)  # (B, T, Hkv, D)
+        v = linear(x, attn.v_proj, g).view(B, T, -1, D).transpose(1, 2)  # (B, Hkv, T, D)
         if self.qk_norm:  # Qwen3: RMSNorm over the head dimension before rotary
             q, k = attn.q_norm(q), attn.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, T, D)
@@ -120,7 +150,7 @@ class LayerStack:
         out = F.scaled_dot_product_attention(
             q, keys, values, attn_mask=mask, scale=self.scaling, enable_gqa=self.num_heads != self.num_kv_heads
         )  # (B, Hq, T, D)
-        return attn.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+        return linear(out.transpose(1, 2).reshape(B, T, -1), attn.o_proj, g)
 
     def _ensure_rope(self, max_len: int) -> None:
         """Precompute cos/sin for positions [0, max_len) with the model's own rotary embedding."""
