@@ -1,7 +1,7 @@
 """Quality + speed benchmark: every strategy over a task's prompts, side by side in one run.
 
 Fair timing, so that ratios mean something on a noisy machine:
-  - a warm-up pass (each strategy once on the first prompt, short) before anything is timed;
+  - a warm-up pass (each strategy once on the first prompt, full length) before anything is timed;
   - strategies are interleaved per prompt, and the order rotates from prompt to prompt, so slow
     spells of the machine fall on every strategy alike;
   - every strategy is timed the same way: wall clock around one call, prefill included.
@@ -123,7 +123,7 @@ def run_bench(model, tokenizer, task: Task, *, strategies=OURS, exit_layer: int 
         exit_layer, num_speculations: E and d (defaults: the model's stored values, else L // 2 and 4).
         max_new_tokens: per prompt.
         compare_transformers: also time transformers' greedy and assistant_early_exit generate().
-        warmup: run every strategy once, short, before timing.
+        warmup: run every strategy once on the first prompt before timing.
         score: compute the task's metrics per strategy.
         predict: measure the cost model and report predicted speedups.
     Returns:
@@ -144,9 +144,9 @@ def run_bench(model, tokenizer, task: Task, *, strategies=OURS, exit_layer: int 
     def call(strategy: str, i: int, n: int) -> _Run:
         return _generate(model, tokenizer, strategy, prompts[i], task.samples[i], E, d, n, eos)
 
-    if warmup:
+    if warmup:  # full length: every cache length the timed runs will see (GPU kernels, allocator)
         for strategy in strategies:
-            call(strategy, 0, min(max_new_tokens, 8))
+            call(strategy, 0, max_new_tokens)
     runs: dict[str, list[_Run]] = {s: [] for s in strategies}
     bar = _progress(len(prompts) * len(strategies), progress, f"bench {task.name}")
     for i in range(len(prompts)):

@@ -5,6 +5,7 @@ matplotlib with the Agg backend (no display needed); every figure is written ato
 from __future__ import annotations
 
 import math
+import textwrap
 from pathlib import Path
 
 from layerskip.evaluation.io import save_figure
@@ -81,7 +82,7 @@ def plot_sweep_heatmap(rows: list[dict], path: str | Path, *, title: str = "") -
         value = _float(r.get("speedup"))
         if value is not None:
             grid[exits.index(int(r["exit_layer"])), specs.index(int(r["num_speculations"]))] = value
-    fig, ax = plt.subplots(figsize=(1.0 + 0.75 * max(len(specs), 3), 1.2 + 0.55 * max(len(exits), 3)))
+    fig, ax = plt.subplots(figsize=(1.6 + 0.75 * max(len(specs), 4), 1.6 + 0.55 * max(len(exits), 3)))
     finite = grid[np.isfinite(grid)]
     vmax = max(1.5, float(finite.max())) if finite.size else 2.0
     vmin = min(0.5, float(finite.min())) if finite.size else 0.0
@@ -100,7 +101,9 @@ def plot_sweep_heatmap(rows: list[dict], path: str | Path, *, title: str = "") -
     if finite.size:
         i, j = np.unravel_index(np.nanargmax(grid), grid.shape)
         ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="black", linewidth=2))
-    ax.set_title("Self-speculative speedup" + (f"\n{title}" if title else ""), fontsize=10)
+    width_chars = int(fig.get_figwidth() * 11)  # about 11 characters per inch at this font size
+    ax.set_title("\n".join(["Self-speculative speedup"] + (textwrap.wrap(title, width_chars) if title else [])),
+                 fontsize=9)
     fig.tight_layout()
     save_figure(fig, path, dpi=120)
     plt.close(fig)
