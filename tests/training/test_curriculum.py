@@ -60,6 +60,10 @@ def test_none_is_every_layer():
     assert Curriculum("none", 5).active(0) == Curriculum("none", 5).active(77) == [0, 1, 2, 3, 4]
 
 
+def test_last_is_the_last_layer_only():
+    assert Curriculum("last", 5).active(0) == Curriculum("last", 5).active(9) == [4]
+
+
 def test_bad_curricula_are_rejected():
     with pytest.raises(ValueError, match="unknown curriculum"):
         Curriculum("random", 4)

@@ -1,10 +1,14 @@
-"""A 2-process torchrun run on the CPU (gloo): DDP with layer dropout dropping whole layers on one rank."""
+"""2-process torchrun runs on the CPU (gloo), DDP and FSDP, with layer dropout dropping whole layers on one rank."""
 import json
 import os
 import signal
 import subprocess
 import sys
 import textwrap
+
+import pytest
+import torch
+from safetensors.torch import load_file
 
 from layerskip.training.layer_dropout import LayerDropout
 
@@ -19,17 +23,20 @@ WORKER = textwrap.dedent("""
     # the `layerskip train` argument parser and library call, as `torchrun -m layerskip train ...` runs them
     args = build_parser().parse_args(sys.argv[2:])
     result = train(config_from_args(args))
-    flat = torch.cat([p.detach().reshape(-1) for p in result.model.parameters()])
+    full = [p.full_tensor() if hasattr(p, "full_tensor") else p for p in result.model.parameters()]  # FSDP: DTensor
+    flat = torch.cat([p.detach().reshape(-1) for p in full])
     digest = hashlib.sha256(flat.numpy().tobytes()).hexdigest()
     digests = [None] * dist.get_world_size()
     dist.all_gather_object(digests, digest)
     if dist.get_rank() == 0:
         with open(sys.argv[1], "w") as f:
-            json.dump({"world_size": dist.get_world_size(), "digests": digests, "steps": result.steps}, f)
+            json.dump({"world_size": dist.get_world_size(), "digests": digests, "steps": result.steps,
+                       "sharded": any(hasattr(p, "full_tensor") for p in result.model.parameters())}, f)
 """)
 
 
-def test_two_process_torchrun_on_cpu(tiny_ckpt, tiny_data, tmp_path):
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_process_torchrun_on_cpu(tiny_ckpt, tiny_data, tmp_path, mode):
     worker = tmp_path / "worker.py"
     worker.write_text(WORKER)
     report, out = tmp_path / "report.json", tmp_path / "out"
@@ -37,7 +44,7 @@ def test_two_process_torchrun_on_cpu(tiny_ckpt, tiny_data, tmp_path):
     argv = ["train", "--model", tiny_ckpt, "--data", tiny_data, "--output-dir", out, "--max-steps", steps,
             "--batch-size", 1, "--seq-len", 16, "--save-steps", 3, "--layer-dropout-max", 0.9,
             "--layer-dropout-depth", "uniform", "--curriculum", "rotational", "--rotation", 2,
-            "--report-to", "none", "--eval-fraction", 0.1]
+            "--report-to", "none", "--eval-fraction", 0.1, *(["--fsdp"] if mode == "fsdp" else [])]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            str(worker), str(report), *map(str, argv)]
@@ -53,6 +60,7 @@ def test_two_process_torchrun_on_cpu(tiny_ckpt, tiny_data, tmp_path):
     assert proc.returncode == 0, stderr[-3000:]
     result = json.loads(report.read_text())
     assert result["world_size"] == 2 and result["steps"] == steps
+    assert result["sharded"] == (mode == "fsdp")  # FSDP2 really sharded the parameters (DTensors)
     assert result["digests"][0] == result["digests"][1]  # gradients were all-reduced: replicas agree
     log = [json.loads(line) for line in (out / "training_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == list(range(1, steps + 1))  # written once, by rank 0
@@ -65,4 +73,7 @@ def test_two_process_torchrun_on_cpu(tiny_ckpt, tiny_data, tmp_path):
     assert split
     for where in ("checkpoint-3", "checkpoint-6"):
         assert (out / where / "rng_state_0.pth").exists() and (out / where / "rng_state_1.pth").exists()
-    assert (out / "model.safetensors").exists()
+    trained = load_file(str(out / "model.safetensors"))
+    init = load_file(str(tiny_ckpt / "model.safetensors"))
+    assert set(trained) == set(init)  # a transformers checkpoint, whichever way it was sharded in training
+    assert any(not torch.equal(trained[k], init[k]) for k in init)

@@ -51,13 +51,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--weight-decay", type=float, help="default: 0")
     g.add_argument("--max-grad-norm", type=float, help="gradient clipping (default: 1.0)")
     g.add_argument("--seed", type=int, help="default: 0")
+    g.add_argument("--fsdp", action="store_true", default=None,
+                   help="shard parameters, gradients and optimizer state over the processes (FSDP2, with torchrun)")
     g = p.add_argument_group("LayerSkip")
     g.add_argument("--layer-dropout-max", type=float, metavar="P", help="p_max in [0, 1) (default: 0.1)")
     g.add_argument("--layer-dropout-depth", metavar="D", help="D(l): exponential (default), linear, uniform")
     g.add_argument("--layer-dropout-schedule", metavar="S",
                    help="S(t): constant (default), exponential (from scratch), linear")
     g.add_argument("--early-exit-scale", type=float, metavar="E", help="e_scale in [0, 1] (default: 0.2)")
-    g.add_argument("--curriculum", metavar="C", help="rotational (default), gradual, none")
+    g.add_argument("--curriculum", metavar="C", help="rotational (default), gradual, none (every layer), last (no early exit)")
     g.add_argument("--rotation", type=int, metavar="R", help="rotational curriculum period (default: 8)")
     g.add_argument("--preset", help=f"paper settings: {', '.join(PRESETS)}")
     g.add_argument("--config", metavar="YAML", help="recipe file (keys: the option names with _ for -)")

@@ -49,6 +49,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     seed: int = 0
+    fsdp: bool = False  # shard parameters, gradients and optimizer state over the processes (FSDP2)
     # LayerSkip
     layer_dropout_max: float = 0.1  # p_max
     layer_dropout_depth: str = "exponential"  # D(l)
@@ -137,6 +138,8 @@ def _coerce(name: str, value: Any) -> Any:
         if value is not None and not isinstance(value, (str, Path)):
             raise LayerSkipError(f"{name}: expected a string, got {value!r}")
         return None if value is None else str(value)
+    if kind is bool and not isinstance(value, bool):
+        raise LayerSkipError(f"{name}: expected true or false, got {value!r}")
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if kind is int and isinstance(value, float) and value.is_integer():

@@ -11,6 +11,8 @@ Curricula:
   gradual         exits are switched on from the last layer downwards, one every T/(2L) steps: exit l is
                   active once 2 L t >= (L-1-l) T, so all are on by t = T/2.
   none            every layer is an exit at every step.
+  last            only the last layer: no early-exit loss (plain training, e.g. layer dropout alone, as in the
+                  paper's ablations; also the baseline of the benchmark).
 
 Each curriculum is a pure function of t: nothing to save in a checkpoint, and a resumed run continues where
 the interrupted one stopped (torchtune's gradual curriculum, by contrast, counts calls and restarts at 0).
@@ -19,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-CURRICULA = ("rotational", "gradual", "none")
+CURRICULA = ("rotational", "gradual", "none", "last")
 
 
 @dataclass(frozen=True)
@@ -27,7 +29,7 @@ class Curriculum:
     """C(t, l) for one of `CURRICULA`.
 
     Args:
-        kind: "rotational" | "gradual" | "none".
+        kind: "rotational" | "gradual" | "none" | "last".
         num_layers: L.
         rotation: R, for "rotational" (>= 1; R = 1 makes every layer an exit every step).
         total_steps: T, for "gradual".
@@ -53,6 +55,8 @@ class Curriculum:
         last = self.num_layers - 1
         if layer == last or self.kind == "none":
             return True
+        if self.kind == "last":
+            return False
         if self.kind == "rotational":
             return (layer - step) % self.rotation == 0
         # gradual: exit l switches on at t = (L-1-l) * T / (2L); integer arithmetic, no rounding drift

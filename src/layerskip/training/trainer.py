@@ -163,8 +163,8 @@ class LayerSkipTrainer(Trainer):
 def train(config: TrainConfig) -> TrainResult:
     """Run LayerSkip training as configured; returns where the model went. Raises LayerSkipError on bad input."""
     out = Path(config.output_dir)
-    args = training_arguments(config)
     lm_config, tokenizer = load_config_and_tokenizer(config)
+    args = training_arguments(config, lm_config)
     num_layers = lm_config.num_hidden_layers
     max_pos = getattr(lm_config, "max_position_embeddings", None)
     if max_pos is not None and config.seq_len > max_pos:
@@ -227,10 +227,20 @@ def _stop_on_nan(trainer: LayerSkipTrainer, e: NonFiniteLoss, out: Path) -> str:
     )
 
 
-def training_arguments(c: TrainConfig) -> TrainingArguments:
+def training_arguments(c: TrainConfig, lm_config=None) -> TrainingArguments:
     if c.dtype == "float16" and not torch.cuda.is_available():
         raise LayerSkipError("--dtype float16 needs a GPU; use bfloat16 or float32 on the CPU")
+    fsdp = {}
+    if c.fsdp:
+        # FSDP2, one unit per decoder layer (+ the root: embeddings, norm, head), full state dicts on save so
+        # that checkpoints stay transformers checkpoints
+        archs = getattr(lm_config, "architectures", None) or ["LlamaForCausalLM"]
+        layer_cls = archs[0].replace("ForCausalLM", "DecoderLayer")
+        fsdp = dict(fsdp=True, fsdp_config={
+            "version": 2, "transformer_layer_cls_to_wrap": [layer_cls], "state_dict_type": "FULL_STATE_DICT",
+        })
     return TrainingArguments(
+        **fsdp,
         output_dir=c.output_dir,
         max_steps=c.max_steps,
         per_device_train_batch_size=c.batch_size,
