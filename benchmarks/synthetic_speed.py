@@ -28,7 +28,7 @@ import time
 import torch
 
 import layerskip
-from layerskip.decoding.api import layer_stack
+from layerskip.decoding.api import attention_backends, layer_stack
 from layerskip.models import make_random_model
 
 
@@ -81,7 +81,7 @@ def isolated_timings(model, ids, exit_layer, k, repeats=20):
     cache = stack.new_cache(T + 2 * k + 4)
     prompt = torch.tensor([ids], device=model.device)
     one = prompt[:, -1:]
-    with torch.inference_mode():
+    with torch.inference_mode(), attention_backends(model.device):
         stack.run(stack.embed(prompt), 0, L, cache, 0)
         exits = stack.run(stack.embed(prompt[:, -k:]), 0, exit_layer, cache, T - k)
 

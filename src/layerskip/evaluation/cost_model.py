@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from layerskip.decoding.api import layer_stack
+from layerskip.decoding.api import attention_backends, layer_stack
 from layerskip.decoding.timing import clock
 from layerskip.errors import LayerSkipError
 
@@ -103,7 +103,7 @@ def measure_step_times(model, exit_layer: int, ks, *, context_len: int = 64, rep
         h = stack.run(stack.embed(ids[:, T:T + 1]), 0, num_layers, cache, T)  # (1, 1, H)
         stack.logits(h[:, -1]).argmax(-1)
 
-    with torch.inference_mode():
+    with torch.inference_mode(), attention_backends(stack.device):
         stack.run(stack.embed(ids[:, :T]), 0, L, cache, 0)  # the context, in every layer
         t_draft = _median_time(lambda: step(exit_layer), lambda: _reset(cache, [T] * L), repeats, warmup, stack)
         t_ar = _median_time(lambda: step(L), lambda: _reset(cache, [T] * L), repeats, warmup, stack)

@@ -1,0 +1,147 @@
+"""Build the built-in default model: a small Llama trained from scratch with LayerSkip on Python code.
+
+Three stages, so that training can run on a GPU machine while data, tokenizer and the speed sweep stay
+on the machine whose CPU the default (E, d) is chosen for:
+
+  prepare  the interpreter's standard library (train split, see layerskip.corpus) as JSONL; the
+           held-out modules as JSONL and as completion prompts; a byte-level BPE tokenizer trained on
+           the train split; the model config. Writes under OUT (default runs/default-model).
+  train    `layerskip train` twice with the same data and steps: LayerSkip (layer dropout + early-exit
+           loss), and a baseline without either (last-layer loss only) for the comparison plot.
+  finish   `layerskip sweep` on held-out prompts picks (E, d); they are stored in config.json under
+           "layerskip"; the weights are saved in bfloat16 into src/layerskip/assets/default-model.
+
+    python scripts/build_default_model.py all            # everything, on this machine
+    python scripts/build_default_model.py prepare        # then `train` where a GPU is, then `finish`
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ASSET = ROOT / "src" / "layerskip" / "assets" / "default-model"
+
+SHAPE = dict(num_hidden_layers=8, hidden_size=384, intermediate_size=768, num_attention_heads=6,
+             num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True, rope_theta=10000.0)
+VOCAB = 4096
+# LayerSkip from scratch (paper: p_max 0.1-0.2, e_scale 0.2, rotational, exponential S(t)); with only
+# 8 layers, exits rotate every 2 layers so each exit is trained every other step.
+LAYERSKIP_FLAGS = ["--preset", "pretraining_from_scratch", "--rotation", "2", "--early-exit-scale", "0.5"]
+BASELINE_FLAGS = ["--layer-dropout-max", "0", "--early-exit-scale", "0", "--curriculum", "none"]
+TRAIN_FLAGS = ["--seq-len", "512", "--lr", "1e-3", "--warmup-steps", "100", "--weight-decay", "0.1",
+               "--eval-fraction", "0.02"]
+
+
+def sh(*cmd, **kw):
+    print("+", " ".join(str(c) for c in cmd), flush=True)
+    subprocess.run([str(c) for c in cmd], check=True, **kw)
+
+
+def prepare(out: Path) -> None:
+    from transformers import LlamaConfig
+
+    from layerskip.corpus import read_texts, stdlib_files
+    from layerskip.tokenizer import train_bpe_tokenizer
+
+    out.mkdir(parents=True, exist_ok=True)
+    train_files, heldout_files = stdlib_files("train"), stdlib_files("heldout")
+    for name, files in (("train.jsonl", train_files), ("heldout.jsonl", heldout_files)):
+        with open(out / name, "w") as f:
+            for text in read_texts(files):
+                f.write(json.dumps({"text": text}) + "\n")
+    tokenizer = train_bpe_tokenizer(train_files, VOCAB, out / "tokenizer", model_max_length=SHAPE["max_position_embeddings"])
+    config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **SHAPE)
+    config.save_pretrained(out / "init")
+    # completion prompts from held-out code: a function's signature and first lines, the rest as reference
+    per_file = []
+    for text in read_texts(heldout_files):
+        rows = []
+        for m in list(re.finditer(r"(?m)^(    )?def \w+\(.*\n(?:.*\n){2}", text))[:4]:
+            rows.append({"prompt": text[max(0, m.start() - 400):m.end()],  # some context before the def
+                         "reference": text[m.end():m.end() + 400]})
+        per_file.append(rows)
+    with open(out / "heldout_prompts.jsonl", "w") as f:
+        for i in range(4):  # round-robin over files, so the first N prompts come from many modules
+            for rows in per_file:
+                if i < len(rows):
+                    f.write(json.dumps(rows[i]) + "\n")
+    print(f"prepared {out}: {len(train_files)} train files, {len(heldout_files)} held-out files, vocab {len(tokenizer)}")
+
+
+def train(out: Path, steps: int, batch_size: int, dtype: str, which: list[str]) -> None:
+    runs = {"layerskip": LAYERSKIP_FLAGS, "baseline": BASELINE_FLAGS}
+    procs = []
+    for name in which:
+        cmd = [sys.executable, "-m", "layerskip", "train", "--init", out / "init", "--tokenizer", out / "tokenizer",
+               "--data", out / "train.jsonl", "--output-dir", out / name, "--max-steps", str(steps),
+               "--batch-size", str(batch_size), "--dtype", dtype, "--save-steps", str(steps), *TRAIN_FLAGS,
+               *runs[name]]
+        print("+", " ".join(map(str, cmd)), flush=True)
+        log = open(out / f"{name}.log", "w")
+        procs.append((name, subprocess.Popen([str(c) for c in cmd], stdout=log, stderr=subprocess.STDOUT)))
+    failed = [name for name, p in procs if p.wait() != 0]
+    if failed:
+        raise SystemExit(f"training failed: {failed}; see {out}/<name>.log")
+
+
+def finish(out: Path, limit: int) -> None:
+    import torch
+
+    from layerskip.models import load
+
+    model_dir = out / "layerskip"
+    sweep = out / "sweep"
+    sh(sys.executable, "-m", "layerskip", "sweep", "--model", model_dir, "--task", f"jsonl:{out / 'heldout_prompts.jsonl'}",
+       "--limit", str(limit), "--exit-layers", "2:7:1", "--num-speculations", "2,3,4,6", "--max-new-tokens", "128",
+       "--threads", "2", "--out", sweep)
+    rows = list(csv_rows(sweep / "sweep.csv"))
+    best = max(rows, key=lambda r: float(r["speedup"]))
+    model, tokenizer = load(str(model_dir))
+    model.config.layerskip = {"trained": True, "exit_layer": int(best["exit_layer"]),
+                              "num_speculations": int(best["num_speculations"]),
+                              "recipe": "scripts/build_default_model.py (see docs/default_model.md)"}
+    tmp = ASSET.with_name(ASSET.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.to(torch.bfloat16).save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(ASSET, ignore_errors=True)
+    os.replace(tmp, ASSET)
+    print(f"default model written to {ASSET}: E={best['exit_layer']} d={best['num_speculations']} "
+          f"speedup {float(best['speedup']):.2f}x")
+
+
+def csv_rows(path: Path):
+    import csv
+
+    with open(path) as f:
+        yield from csv.DictReader(f)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("stage", choices=["prepare", "train", "finish", "all"])
+    p.add_argument("--out", type=Path, default=ROOT / "runs" / "default-model")
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--runs", default="layerskip,baseline")
+    p.add_argument("--sweep-limit", type=int, default=12)
+    args = p.parse_args()
+    if args.stage in ("prepare", "all"):
+        prepare(args.out)
+    if args.stage in ("train", "all"):
+        train(args.out, args.steps, args.batch_size, args.dtype, args.runs.split(","))
+    if args.stage in ("finish", "all"):
+        finish(args.out, args.sweep_limit)
+
+
+if __name__ == "__main__":
+    main()
