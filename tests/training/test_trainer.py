@@ -154,10 +154,13 @@ BAD_INPUTS = [  # (d: a scratch dir, c: the tiny checkpoint, data, out) -> argv,
     (lambda d, c, data, out: ["--init", d / "nowhere.json", "--data", data, "--output-dir", out], "--init"),
     (lambda d, c, data, out: ["--data", data, "--output-dir", out, "--model", c, "--init", c], "either --model"),
     (lambda d, c, data, out: ["--model", c, "--output-dir", out], "no training data"),
+    (lambda d, c, data, out: _std(c, data, out, "--fsdp"), "--fsdp needs GPUs"),
 ]
 
 
-@pytest.mark.parametrize("make_args,message", BAD_INPUTS)
+@pytest.mark.parametrize("make_args,message", [
+    case for case in BAD_INPUTS if not (case[1].startswith("--fsdp") and torch.cuda.is_available())
+])
 def test_bad_input_is_one_clear_line_and_writes_nothing(tiny_ckpt, tiny_data, tmp_path, capsys, make_args, message):
     out = tmp_path / "out"
     rc, stdout, err = _train(capsys, *make_args(tmp_path, tiny_ckpt, tiny_data, out))
@@ -166,3 +169,17 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(tiny_ckpt, tiny_data, tm
     assert len(lines) == 1, err
     assert lines[0].startswith("layerskip: error: ") and message in lines[0]
     assert not out.exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_bf16_mixed_precision_on_gpu(tiny_ckpt, tiny_data, tmp_path, capsys):
+    runs = {}
+    for dtype in ("float32", "bfloat16"):
+        out = tmp_path / dtype
+        rc, _, err = _train(capsys, "--model", tiny_ckpt, "--data", tiny_data, "--output-dir", out, "--max-steps", 3,
+                            "--dtype", dtype, "--save-steps", 0, "--curriculum", "none", "--early-exit-scale", 1.0)
+        assert rc == 0, err[-2000:]
+        runs[dtype] = _log(out)
+    for a, b in zip(runs["float32"], runs["bfloat16"]):
+        assert b["loss"] == pytest.approx(a["loss"], rel=0.02)  # autocast: the same losses to bf16 precision
+        assert b["exit_losses"] == pytest.approx(a["exit_losses"], rel=0.02)

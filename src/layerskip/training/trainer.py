@@ -231,6 +231,10 @@ def training_arguments(c: TrainConfig, lm_config=None) -> TrainingArguments:
     if c.dtype == "float16" and not torch.cuda.is_available():
         raise LayerSkipError("--dtype float16 needs a GPU; use bfloat16 or float32 on the CPU")
     fsdp = {}
+    if c.fsdp and not _has_accelerator():
+        # accelerate runs FSDP on accelerator processes only; on the CPU it would silently fall back to DDP
+        raise LayerSkipError("--fsdp needs GPUs (accelerate shards over accelerator processes only); "
+                             "on the CPU, torchrun runs plain DDP: drop --fsdp")
     if c.fsdp:
         # FSDP2, one unit per decoder layer (+ the root: embeddings, norm, head), full state dicts on save so
         # that checkpoints stay transformers checkpoints
