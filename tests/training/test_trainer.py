@@ -83,6 +83,7 @@ def test_resume_gives_the_same_next_steps_as_an_uninterrupted_run(tiny_ckpt, tin
         torch.testing.assert_close(wb[k], wa[k], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="relies on how CPU fp32 kernels overflow at lr 1e3")
 def test_nan_loss_stops_and_keeps_the_last_good_state(tiny_ckpt, tiny_data, tmp_path, capsys):
     out = tmp_path / "nan"
     rc, _, err = _train(capsys, "--model", tiny_ckpt, "--data", tiny_data, "--output-dir", out,

@@ -42,7 +42,8 @@ def _grad_norm(model) -> torch.Tensor:
     grads = [p.grad for p in model.parameters() if p.grad is not None] if model is not None else []
     if not grads:
         return torch.zeros(())
-    return torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+    norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a DTensor over the shards
 
 
 class StepStats:
