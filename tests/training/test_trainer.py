@@ -156,6 +156,9 @@ BAD_INPUTS = [  # (d: a scratch dir, c: the tiny checkpoint, data, out) -> argv,
     (lambda d, c, data, out: ["--data", data, "--output-dir", out, "--model", c, "--init", c], "either --model"),
     (lambda d, c, data, out: ["--model", c, "--output-dir", out], "no training data"),
     (lambda d, c, data, out: _std(c, data, out, "--fsdp"), "--fsdp needs GPUs"),
+    (lambda d, c, data, out: _std(c, data, d / "used", "--output-dir", (d / "used" / "checkpoint-2").mkdir(
+        parents=True) or (d / "used" / "checkpoint-2" / "trainer_state.json").write_text("{}") and d / "used"),
+     "already holds a training run"),
 ]
 
 

@@ -8,7 +8,8 @@ Measured side by side in one run, each configuration once per round, in a rotati
   dropout     last-layer loss, layer dropout p_max 0.2, exponential D(l), S(t) = 1
   rotational  early-exit loss, rotational curriculum R = 8, e_scale 0.2, no layer dropout
   hf          transformers' own forward and loss                      (reference for our forward's overhead)
-Step t advances every round, so the rotation phase and the dropout masks vary as in training.
+Step t advances every round, so the rotation phase and the dropout masks vary as in training; 16 rounds visit
+each of the 8 rotation phases twice.
 
 Peak memory: each configuration in a fresh subprocess (imports, build, two steps: the first allocates AdamW's
 state), reading the process's peak resident set size (getrusage ru_maxrss) minus its RSS right after the
@@ -93,7 +94,7 @@ def train_step(kind, model, wrapped, opt, ids, t) -> float:
 
 def time_steps(args) -> dict:
     model, opt, ids = build(args)
-    wrapped = {k: wrapper(model, k if k != "hf" else "hf", args) for k in TIMED}
+    wrapped = {k: wrapper(model, k, args) for k in TIMED}
     for k in TIMED:  # warm-up: allocator, AdamW state, kernels for every shape
         for t in range(2):
             train_step(k, model, wrapped[k], opt, ids, t)
@@ -219,7 +220,7 @@ def parse(argv=None):
     p.add_argument("--vocab", type=int, default=4096)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--rounds", type=int, default=12)
+    p.add_argument("--rounds", type=int, default=16)  # a multiple of R: every rotation phase equally often
     # 1 thread by default: on a shared machine, OpenMP threads that wait on each other under load make step
     # times swing by 2-5x; pass --threads N on a dedicated one
     p.add_argument("--threads", type=int, default=1)

@@ -175,6 +175,10 @@ def train(config: TrainConfig) -> TrainResult:
             config.data_split,
         )
     resume = resolve_resume(config.resume, out)
+    if resume is None and (list_checkpoints(out) or (out / "model.safetensors").exists()):
+        raise LayerSkipError(
+            f"--output-dir {out} already holds a training run; continue it with --resume, or choose a new directory"
+        )
     causal_lm = load_weights(config, lm_config)
     model = LayerSkipModel(
         causal_lm,
@@ -215,8 +219,7 @@ def _stop_on_nan(trainer: LayerSkipTrainer, e: NonFiniteLoss, out: Path) -> str:
             cb.training_bar = None
     good = e.step - 1
     head = f"{e.what} is {e.value} at step {e.step}; stopped before applying it."
-    finite = all(bool(torch.isfinite(p).all()) for p in trainer.model.parameters())
-    if good > 0 and finite and not (out / f"checkpoint-{good}").exists():
+    if good > 0 and _all_finite(trainer) and not (out / f"checkpoint-{good}").exists():
         trainer._save_checkpoint(trainer.model_wrapped, trial=None)
     saved = [p for p in list_checkpoints(out) if _checkpoint_step(p) <= good]
     if not saved:
@@ -225,6 +228,15 @@ def _stop_on_nan(trainer: LayerSkipTrainer, e: NonFiniteLoss, out: Path) -> str:
         f"{head} The last good state is {saved[-1]} (resume with --resume latest, after lowering --lr or fixing "
         "the data)"
     )
+
+
+def _all_finite(trainer: LayerSkipTrainer) -> bool:
+    """Whether every parameter is finite on every rank (one all-reduce, so every rank answers alike)."""
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in trainer.model.parameters()]  # FSDP shards
+    flag = torch.tensor(float(all(bool(torch.isfinite(p).all()) for p in local)), device=trainer.args.device)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+    return bool(flag.item())
 
 
 def training_arguments(c: TrainConfig, lm_config=None) -> TrainingArguments:
