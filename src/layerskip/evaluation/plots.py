@@ -1,4 +1,5 @@
-"""Figures: the per-layer early-exit plot (the paper's per-layer figure) and the (E, d) speedup heatmap.
+"""Figures: the per-layer early-exit plot (the paper's per-layer figure), the (E, d) speedup heatmap,
+and the per-exit training losses from a training_log.jsonl.
 
 matplotlib with the Agg backend (no display needed); every figure is written atomically.
 """
@@ -56,6 +57,49 @@ def plot_layer_analysis(curves: dict[str, list[dict]], path: str | Path, *, titl
             ax.legend(loc="best", fontsize=8)
     ax_agree.set_title("Early exit vs. final layer")
     ax_ppl.set_title("Early-exit perplexity")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    save_figure(fig, path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_training_log(log_path: str | Path, path: str | Path, *, title: str = "", smooth: int = 25) -> Path:
+    """Per-exit training loss against optimizer step, from `layerskip train`'s training_log.jsonl.
+
+    Exits are active on some steps only (rotational / gradual curricula), so each exit's curve is its
+    own moving average over the last `smooth` steps on which it was active. A second panel shows the
+    layer-dropout rate of the last layer, p(L-1, t).
+    """
+    import json
+
+    plt = _pyplot()
+    rows = [json.loads(line) for line in Path(log_path).read_text().splitlines() if line.strip()]
+    exits: dict[int, tuple[list[int], list[float]]] = {}
+    for r in rows:
+        for layer, loss in r.get("exit_losses", {}).items():
+            steps, losses = exits.setdefault(int(layer), ([], []))
+            steps.append(r["step"])
+            losses.append(loss)
+    fig, (ax_loss, ax_drop) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [3, 1]})
+    cmap = plt.get_cmap("viridis")
+    last = max(exits) if exits else 0
+    for layer in sorted(exits):
+        steps, losses = exits[layer]
+        avg = [sum(losses[max(0, i - smooth + 1):i + 1]) / len(losses[max(0, i - smooth + 1):i + 1])
+               for i in range(len(losses))]
+        ax_loss.plot(steps, avg, color=cmap(layer / max(1, last)), label=f"exit after layer {layer + 1}")
+    ax_loss.set_xlabel("optimizer step")
+    ax_loss.set_ylabel(f"cross-entropy (moving average of {smooth} active steps)")
+    ax_loss.set_title("Early-exit loss per exit")
+    ax_loss.grid(True, alpha=0.3)
+    ax_loss.legend(loc="upper right", fontsize=7, ncol=2)
+    ax_drop.plot([r["step"] for r in rows], [r["layer_dropout"][-1] for r in rows])
+    ax_drop.set_xlabel("optimizer step")
+    ax_drop.set_ylabel("layer dropout rate of the last layer")
+    ax_drop.set_title("Layer dropout p(L-1, t)")
+    ax_drop.grid(True, alpha=0.3)
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
