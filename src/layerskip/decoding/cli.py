@@ -6,7 +6,9 @@ import sys
 
 from layerskip.errors import LayerSkipError
 
-DEMO_PROMPT = 'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n'
+# Prompts end mid-line: the tokenizer merges a newline with the next line's indent, so a prompt that
+# ends in a bare newline is a token boundary the model rarely saw in training.
+DEMO_PROMPT = "import os\n\n\ndef read_lines(path):"
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -14,6 +16,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="a local checkpoint directory, a hub id, 'smollm2-135m', or omit for the built-in default")
     p.add_argument("--dtype", default=None, help="float32 (CPU default), bfloat16, float16, auto")
     p.add_argument("--device", default=None, help="cpu (default), cuda, cuda:1, ...")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 
 
 def add_decoding_args(p: argparse.ArgumentParser) -> None:
@@ -46,6 +49,15 @@ def add_parser(subparsers) -> None:
     d.add_argument("--prompt", default=DEMO_PROMPT)
     d.add_argument("--max-new-tokens", type=int, default=96)
     d.set_defaults(func=run_demo)
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads is not None:
+        if threads < 1:
+            raise LayerSkipError(f"--threads must be >= 1, got {threads}")
+        import torch
+
+        torch.set_num_threads(threads)
 
 
 def _read_prompt(args) -> str:
@@ -117,6 +129,7 @@ def run_generate(args) -> int:
     from layerskip.decoding.api import check_options, generate
     from layerskip.models import load
 
+    _set_threads(args.threads)
     check_options(strategy=args.strategy, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                   num_speculations=args.num_speculations)  # fail fast, before loading a model
@@ -140,6 +153,7 @@ def run_demo(args) -> int:
     from layerskip.decoding.api import generate, model_defaults
     from layerskip.models import load
 
+    _set_threads(args.threads)
     model, tokenizer = load(args.model, dtype=args.dtype, device=args.device)
     defaults = model_defaults(model)
     L = model.config.num_hidden_layers
@@ -152,7 +166,9 @@ def run_demo(args) -> int:
     for strategy in ("autoregressive", "self_speculative"):
         runs[strategy] = generate(model, ids, strategy=strategy, max_new_tokens=args.max_new_tokens, tokenizer=tokenizer)
     ar, ss = runs["autoregressive"], runs["self_speculative"]
-    print("prompt:\n" + args.prompt + "\ncompletion (greedy):\n" + ss.text + "\n")
+    print("---- prompt + greedy completion " + "-" * 40)
+    print(args.prompt + ss.text)
+    print("-" * 71)
     for r in (ar, ss):
         print(stats_line(r.stats))
     same = "identical" if ar.token_ids == ss.token_ids else "DIFFERENT"
