@@ -12,8 +12,7 @@ Step t advances every round, so the rotation phase and the dropout masks vary as
 each of the 8 rotation phases twice.
 
 Peak memory: each configuration in a fresh subprocess (imports, build, two steps: the first allocates AdamW's
-state), reading the process's peak resident set size (getrusage ru_maxrss) minus its RSS right after the
-imports; so the figure is the model + gradients + optimizer state + activations + loss. The subprocesses run
+state), reading the process's peak resident set size (VmHWM) minus its RSS right after the imports; so the figure is the model + gradients + optimizer state + activations + loss. The subprocesses run
 with MALLOC_MMAP_THRESHOLD_=131072: every tensor of 128 KiB or more is its own mapping, unmapped when freed,
 so RSS follows the live tensors and its peak is theirs (with glibc's defaults, freed memory stays in the heap
 and the high-water mark can sit on an earlier, unrelated peak).
@@ -29,7 +28,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -121,22 +119,24 @@ def time_steps(args) -> dict:
     }
 
 
-def _rss_kib() -> int:
+def _status_kib(field: str) -> int:
+    """A /proc/self/status field in KiB: VmRSS (now) or VmHWM (the peak of this process image)."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1])
-    return 0
+    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 def memory_child(kind: str, args) -> dict:
     """In a fresh process: peak RSS of two training steps of `kind`, above the RSS after imports (KiB)."""
-    base = _rss_kib()
+    base = _status_kib("VmRSS")
     model, opt, ids = build(args)
     wrapped = wrapper(model, kind, args)
     for t in range(2):
         train_step(kind, model, wrapped, opt, ids, t)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    # VmHWM, not getrusage's ru_maxrss: that one survives fork + exec and so includes the parent's RSS
+    peak = _status_kib("VmHWM")
     return {"kind": kind, "after_imports_kib": base, "peak_kib": peak, "training_kib": peak - base}
 
 
@@ -240,8 +240,9 @@ def main(argv=None) -> int:
         print(json.dumps(memory_child(args.memory_child, args)))
         return 0
     load_before = os.getloadavg()
-    result = {"args": vars(args), "load_before": load_before, "time": time_steps(args)}
-    result["memory"] = measure_memory(args) if not args.skip_memory else None
+    result = {"args": vars(args), "load_before": load_before}
+    result["memory"] = measure_memory(args) if not args.skip_memory else None  # first: the parent is small
+    result["time"] = time_steps(args)
     result["machine"] = machine()
     if result["memory"] is None:
         print(json.dumps(result["time"], indent=1, default=str))
