@@ -3,10 +3,11 @@
     from layerskip.training import build_config, train
     result = train(build_config(data=["src/"], output_dir="runs/x", preset="code_finetuning"))
 
-Modules: layer_dropout (p(l, t), per-sample masks, skipped rows), early_exit_loss (e(l), w(t, l), the shared-
-head loss), curriculum (rotational, gradual, none), model (the training forward), data (files/JSONL/datasets
--> packed blocks), config (TrainConfig, presets, YAML recipes), trainer (train()), step_log
-(training_log.jsonl), cli (`layerskip train`), bench (the speed/memory benchmark).
+Modules: layer_dropout (p(l, t), per-sample masks, skipped rows), early_exit_loss (e(l), w(t, l), the
+shared-head loss), curriculum (rotational, gradual, none, last), model (the training forward), data
+(files/JSONL/datasets -> packed blocks), config (TrainConfig, presets, YAML recipes), loading (model, config
+and tokenizer), trainer (train()), step_log (training_log.jsonl), cli (`layerskip train`), bench (the
+speed/memory benchmark).
 Imports are lazy so that `layerskip --help` does not load transformers.
 """
 
