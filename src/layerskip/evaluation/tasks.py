@@ -181,7 +181,11 @@ def _humaneval(data_file, limit) -> Task:
         source = HUMAN_EVAL
     samples = []
     for lineno, row in rows:
-        prompt = _field(source, lineno, row, ("prompt",))
+        # Trailing whitespace stripped, as the bigcode evaluation harness does: byte-level BPE merges a
+        # newline with the next line's indent, so a prompt ending in a bare newline is a token boundary
+        # models rarely saw, and small ones answer it with a new "def" (an immediate stop). The checker
+        # still runs problem["prompt"] + completion, which only adds a blank line.
+        prompt = _field(source, lineno, row, ("prompt",)).rstrip()
         for key in ("task_id", "test", "entry_point"):
             _field(source, lineno, row, (key,))
         samples.append(Sample(id=row["task_id"], prompt=prompt, reference=row.get("canonical_solution"),
