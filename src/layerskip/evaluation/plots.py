@@ -57,12 +57,7 @@ def plot_layer_analysis(curves: dict[str, list[dict]], path: str | Path, *, titl
             ax.legend(loc="best", fontsize=8)
     ax_agree.set_title("Early exit vs. final layer")
     ax_ppl.set_title("Early-exit perplexity")
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    save_figure(fig, path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return _finish(plt, fig, path, title)
 
 
 def plot_training_log(log_path: str | Path, path: str | Path, *, title: str = "", smooth: int = 25) -> Path:
@@ -100,12 +95,7 @@ def plot_training_log(log_path: str | Path, path: str | Path, *, title: str = ""
     ax_drop.set_ylabel("layer dropout rate of the last layer")
     ax_drop.set_title("Layer dropout p(L-1, t)")
     ax_drop.grid(True, alpha=0.3)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    save_figure(fig, path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return _finish(plt, fig, path, title)
 
 
 def plot_sweep_heatmap(rows: list[dict], path: str | Path, *, title: str = "") -> Path:
@@ -148,6 +138,16 @@ def plot_sweep_heatmap(rows: list[dict], path: str | Path, *, title: str = "") -
     width_chars = int(fig.get_figwidth() * 11)  # about 11 characters per inch at this font size
     ax.set_title("\n".join(["Self-speculative speedup"] + (textwrap.wrap(title, width_chars) if title else [])),
                  fontsize=9)
+    fig.tight_layout()
+    save_figure(fig, path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def _finish(plt, fig, path, title: str) -> Path:
+    """Title, layout, atomic write, close."""
+    if title:
+        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     save_figure(fig, path, dpi=120)
     plt.close(fig)
