@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from conftest import byte_tokenizer
+from training_helpers import byte_tokenizer
 from layerskip.errors import LayerSkipError
 from layerskip.training.data import build_datasets, documents, pack, tokenize
 

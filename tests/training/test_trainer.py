@@ -46,6 +46,10 @@ def test_train_writes_the_log_checkpoints_and_a_loadable_model(tiny_ckpt, tiny_d
     for where in (out, out / "checkpoint-2", out / "checkpoint-4"):
         model, tok = models.load(str(where))
         assert tok is not None and model.config.num_hidden_layers == 4
+    # `layerskip generate` runs on the trained model, self-speculation from an early exit included
+    assert main(["generate", "--model", str(out), "--prompt", "def f(", "--max-new-tokens", "4",
+                 "--strategy", "self_speculative", "--exit-layer", "2"]) == 0
+    capsys.readouterr()
     before = load_file(f"{tiny_ckpt}/model.safetensors")
     after = load_file(f"{out}/model.safetensors")
     assert any(not torch.equal(before[k], after[k]) for k in before)
