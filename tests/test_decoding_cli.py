@@ -92,3 +92,16 @@ def test_defaults_stored_with_the_model():
     model.config.layerskip = {"exit_layer": 2, "num_speculations": 5}
     out = layerskip.generate(model, [1, 2, 3], strategy="self_speculative", max_new_tokens=6)
     assert (out.stats.exit_layer, out.stats.num_speculations) == (2, 5)
+
+
+def test_demo_runs_both_strategies_and_checks_they_agree(tiny_checkpoint, capsys):
+    code, out, _ = run_cli(["demo", "--model", str(tiny_checkpoint), "--max-new-tokens", "10", "--repeats", "2",
+                            "--threads", "1"], capsys)
+    assert code == 0
+    assert "[autoregressive | 10 tokens" in out and "[self-speculative | 10 tokens" in out
+    assert "output identical" in out
+
+
+def test_demo_rejects_bad_repeats(tiny_checkpoint, capsys):
+    code, _, err = run_cli(["demo", "--model", str(tiny_checkpoint), "--repeats", "0"], capsys)
+    assert code == 2 and "--repeats must be >= 1" in err

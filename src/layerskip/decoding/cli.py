@@ -48,6 +48,7 @@ def add_parser(subparsers) -> None:
     add_model_args(d)
     d.add_argument("--prompt", default=DEMO_PROMPT)
     d.add_argument("--max-new-tokens", type=int, default=96)
+    d.add_argument("--repeats", type=int, default=3, help="alternating runs per strategy; the fastest counts")
     d.set_defaults(func=run_demo)
 
 
@@ -154,6 +155,8 @@ def run_demo(args) -> int:
     from layerskip.models import load
 
     _set_threads(args.threads)
+    if args.repeats < 1:
+        raise LayerSkipError(f"--repeats must be >= 1, got {args.repeats}")
     model, tokenizer = load(args.model, dtype=args.dtype, device=args.device)
     defaults = model_defaults(model)
     L = model.config.num_hidden_layers
@@ -162,9 +165,14 @@ def run_demo(args) -> int:
         print("note: this is the untrained stand-in model (random weights): expect nonsense text and low acceptance.")
     ids = encode_prompt(tokenizer, args.prompt)
     generate(model, ids, max_new_tokens=8)  # warm-up
+    # Alternate the strategies and keep each one's fastest run: a job that briefly takes a core can
+    # stall a run many times over on a small machine, and the minimum is what the code can do.
     runs = {}
-    for strategy in ("autoregressive", "self_speculative"):
-        runs[strategy] = generate(model, ids, strategy=strategy, max_new_tokens=args.max_new_tokens, tokenizer=tokenizer)
+    for _ in range(args.repeats):
+        for strategy in ("autoregressive", "self_speculative"):
+            r = generate(model, ids, strategy=strategy, max_new_tokens=args.max_new_tokens, tokenizer=tokenizer)
+            if strategy not in runs or r.stats.total_s < runs[strategy].stats.total_s:
+                runs[strategy] = r
     ar, ss = runs["autoregressive"], runs["self_speculative"]
     print("---- prompt + greedy completion " + "-" * 40)
     print(args.prompt + ss.text)
@@ -173,5 +181,6 @@ def run_demo(args) -> int:
         print(stats_line(r.stats))
     same = "identical" if ar.token_ids == ss.token_ids else "DIFFERENT"
     speedup = ss.stats.tokens_per_second / ar.stats.tokens_per_second if ar.stats.tokens_per_second else 0.0
-    print(f"self-speculative vs autoregressive: {speedup:.2f}x, output {same}")
+    print(f"self-speculative vs autoregressive: {speedup:.2f}x (fastest of {args.repeats} alternating runs each), "
+          f"output {same}")
     return 0 if ar.token_ids == ss.token_ids else 1
