@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One GPU call: SmolLM2-135M LayerSkip continual pretraining on standard-library code, then the
-# Not yet run end to end: written for a GPU session; the device budget of the session that wrote it ran out.
 # per-layer analysis (before vs after) and self-speculative benches. The GGUF travels in two halves
 # (.smol1/, .smol2/: a call carries at most 64 MiB), the data in .cptdata/, the gguf wheel in .whl/.
+# Not yet run end to end: written for a GPU session; the device budget of the session that wrote it ran out.
 set -u
 export PYTHONPATH=src:/tmp/site HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false LAYERSKIP_CACHE=/tmp/lscache
 STEPS=${STEPS:-800}

@@ -58,3 +58,19 @@ def test_unsupported_architecture_names_the_supported_ones():
     config = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50)
     with pytest.raises(LayerSkipError, match="LlamaForCausalLM.*Qwen3ForCausalLM"):
         LayerStack(transformers.GPT2LMHeadModel(config))
+
+
+def test_cached_stack_does_not_keep_the_model_alive():
+    import gc
+    import weakref
+
+    import layerskip
+    from layerskip.decoding.api import _stacks
+
+    model = make_random_model("llama", num_layers=2, seed=9)
+    layerskip.generate(model, [1, 2], max_new_tokens=2)
+    assert model in _stacks
+    ref = weakref.ref(model)
+    del model
+    gc.collect()
+    assert ref() is None

@@ -69,7 +69,6 @@ class LayerStack:
         check_supported(model)
         cfg = model.config
         inner = model.model
-        self.model = model
         self.embed_tokens = inner.embed_tokens
         self.layers = list(inner.layers)
         self.norm = inner.norm
