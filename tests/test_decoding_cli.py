@@ -105,3 +105,16 @@ def test_demo_runs_both_strategies_and_checks_they_agree(tiny_checkpoint, capsys
 def test_demo_rejects_bad_repeats(tiny_checkpoint, capsys):
     code, _, err = run_cli(["demo", "--model", str(tiny_checkpoint), "--repeats", "0"], capsys)
     assert code == 2 and "--repeats must be >= 1" in err
+
+
+def test_stop_flag_reads_backslash_n_as_newline(tiny_checkpoint, capsys):
+    from layerskip.decoding.cli import _unescape
+
+    assert _unescape(r"\ndef ") == "\ndef " and _unescape(r"a\tb") == "a\tb"
+    base = ["generate", "--model", str(tiny_checkpoint), "--prompt", "def f(x):", "--max-new-tokens", "40"]
+    _, free, _ = run_cli(base, capsys)
+    text = free.rstrip("\n")
+    if "\n" not in text:
+        pytest.skip("this random model's output has no newline to stop at")
+    _, cut, _ = run_cli(base + ["--stop", r"\n"], capsys)
+    assert cut.rstrip("\n") == text[: text.index("\n")]

@@ -30,8 +30,13 @@ def add_decoding_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--stop", action="append", default=None, metavar="STRING",
-                   help="stop string (repeatable); the output is cut before it")
+    p.add_argument("--stop", action="append", default=None, metavar="STRING", type=_unescape,
+                   help="stop string (repeatable; \\n and \\t are read as newline and tab); the output is cut before it")
+
+
+def _unescape(text: str) -> str:
+    """Shell-friendly stop strings: a typed backslash-n is a newline, backslash-t a tab."""
+    return text.replace("\\n", "\n").replace("\\t", "\t")
 
 
 def add_parser(subparsers) -> None:
