@@ -8,8 +8,8 @@ Measured, interleaved per repetition so that machine noise hits every contender 
   ours autoregressive, ours self-speculative (E, d), transformers greedy generate(),
   transformers generate(assistant_early_exit=E) with num_assistant_tokens=d (set on generation_config,
   schedule "constant", confidence threshold 0: generate() ignores them as arguments).
-Also: the cost model's predicted speedup from isolated timings of a draft step t_E, a verify pass
-t_v(k) and a full step t_ar (DESIGN.md), and peak memory of each strategy in a fresh process.
+Also: the cost model's predicted speedup (layerskip.evaluation.cost_model: isolated timings of a draft
+step t_E, a verify pass t_v(k) and a full step t_ar, DESIGN.md), and peak memory of each strategy in a fresh process.
 
     python benchmarks/synthetic_speed.py [--threads 2] [--repeats 5] [--device cpu] [--dtype float32]
 """
@@ -28,7 +28,7 @@ import time
 import torch
 
 import layerskip
-from layerskip.decoding.api import attention_backends, layer_stack
+from layerskip.evaluation.cost_model import measure_step_times, predicted_speedup
 from layerskip.models import make_random_model
 
 
@@ -70,42 +70,6 @@ def contenders(model, ids, n, exit_layer, d):
 
     return {"ours_autoregressive": ours_ar, "ours_self_speculative": ours_ss,
             "transformers_greedy": hf_greedy, "transformers_assistant_early_exit": hf_early_exit}
-
-
-def isolated_timings(model, ids, exit_layer, k, repeats=20):
-    """t_E (one draft step: E layers + head), t_v(k) (verify: 1 token through [0,E), k+1 through [E,L), head),
-    t_ar (one full step), each on a cache holding the prompt, as in the middle of a generation."""
-    stack = layer_stack(model)
-    L = stack.num_layers
-    T = len(ids)
-    cache = stack.new_cache(T + 2 * k + 4)
-    prompt = torch.tensor([ids], device=model.device)
-    one = prompt[:, -1:]
-    with torch.inference_mode(), attention_backends(model.device):
-        stack.run(stack.embed(prompt), 0, L, cache, 0)
-        exits = stack.run(stack.embed(prompt[:, -k:]), 0, exit_layer, cache, T - k)
-
-        def draft_step():
-            stack.logits(stack.run(stack.embed(one), 0, exit_layer, cache, T)[:, -1]).argmax(-1)
-
-        def verify_pass():
-            last = stack.run(stack.embed(one), 0, exit_layer, cache, T)
-            h = stack.run(torch.cat([exits, last], 1), exit_layer, L, cache, T - k)
-            stack.logits(h[0]).argmax(-1)
-
-        def full_step():
-            stack.logits(stack.run(stack.embed(one), 0, L, cache, T)[:, -1]).argmax(-1)
-
-        out = {}
-        for name, fn in (("t_E", draft_step), ("t_v", verify_pass), ("t_ar", full_step)):
-            fn()
-            times = []
-            for _ in range(repeats):
-                t = _now(model.device)
-                fn()
-                times.append(_now(model.device) - t)
-            out[name] = statistics.median(times)
-    return out
 
 
 def _now(device):
@@ -189,10 +153,10 @@ def main() -> None:
     med = {name: statistics.median(v) for name, v in times.items()}
     stats = layerskip.generate(model, ids, strategy="self_speculative", exit_layer=E, num_speculations=d,
                                max_new_tokens=n).stats
-    iso = isolated_timings(model, ids, E, d)
+    steps = measure_step_times(model, E, [d], context_len=args.prompt_len, repeats=20)
+    iso = {"t_E": steps.t_draft, "t_v": steps.t_verify[d], "t_ar": steps.t_ar}
     n_bar = stats.tokens_per_round
-    k = d
-    predicted = n_bar * iso["t_ar"] / (k * iso["t_E"] + iso["t_v"])
+    predicted = predicted_speedup(steps, n_bar, d)
     measured = med["ours_autoregressive"] / med["ours_self_speculative"]
     report = {
         "machine": f"{platform.node()} {platform.processor() or platform.machine()}, torch {torch.__version__}, "
