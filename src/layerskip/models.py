@@ -98,7 +98,7 @@ def load(spec: str | None = None, *, dtype: torch.dtype | str | None = None, dev
         dtype = torch.float32 if device == "cpu" else "auto"
     try:
         model = AutoModelForCausalLM.from_pretrained(str(where), dtype=dtype)
-    except (OSError, ValueError, KeyError, EnvironmentError) as e:
+    except (OSError, ValueError, KeyError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise LayerSkipError(f"cannot load model {spec or where}: {first}") from None
     check_supported(model)
