@@ -35,6 +35,10 @@ VOCAB = 4096
 # 8 layers, exits rotate every 2 layers so each exit is trained every other step.
 LAYERSKIP_FLAGS = ["--preset", "pretraining_from_scratch", "--rotation", "2", "--early-exit-scale", "0.5"]
 BASELINE_FLAGS = ["--layer-dropout-max", "0", "--early-exit-scale", "0", "--curriculum", "none"]
+# Decoding defaults chosen in `finish`: the draft vocabulary's size (the most frequent training tokens), and
+# the confidence thresholds swept with (E, d).
+DRAFT_VOCAB = 1024
+THRESHOLDS = (0.0, 0.3, 0.5)
 TRAIN_FLAGS = ["--seq-len", "512", "--lr", "1e-3", "--warmup-steps", "100", "--weight-decay", "0.1",
                "--eval-fraction", "0.02"]
 
@@ -93,28 +97,50 @@ def train(out: Path, steps: int, batch_size: int, dtype: str, which: list[str]) 
 
 
 def finish(out: Path, limit: int) -> None:
+    import json
+
     import torch
 
     from layerskip.models import load
+    from layerskip.training.trainer import store_draft_vocab
 
     model_dir = out / "layerskip"
-    sweep = out / "sweep"
-    sh(sys.executable, "-m", "layerskip", "sweep", "--model", model_dir, "--task", f"jsonl:{out / 'heldout_prompts.jsonl'}",
-       "--limit", str(limit), "--exit-layers", "2:7:1", "--num-speculations", "2,3,4,6", "--max-new-tokens", "128",
-       "--threads", "2", "--out", sweep)
-    rows = list(csv_rows(sweep / "sweep.csv"))
-    best = max(rows, key=lambda r: float(r["speedup"]))
     model, tokenizer = load(str(model_dir))
+    # the draft vocabulary: the training data's most frequent tokens (`layerskip train` stores them; a model
+    # trained before it did gets them here, from the same data)
+    if "draft_vocab" not in (getattr(model.config, "layerskip", None) or {}):
+        texts = [json.loads(line)["text"] for line in open(out / "train.jsonl")]
+        ids = torch.tensor([i for e in tokenizer(texts, add_special_tokens=False)["input_ids"] for i in e])
+        store_draft_vocab(model.config, ids)
+    draft_vocab = model.config.layerskip["draft_vocab"][:DRAFT_VOCAB]
+    model.config.layerskip = {"draft_vocab": draft_vocab}
+    tmp_model = out / "layerskip-draft"
+    model.save_pretrained(tmp_model)
+    tokenizer.save_pretrained(tmp_model)
+    # (E, d) for each confidence threshold, on held-out prompts; the fastest row over all of them wins
+    rows = []
+    for threshold in THRESHOLDS:
+        sweep = out / f"sweep-c{threshold:g}"
+        sh(sys.executable, "-m", "layerskip", "sweep", "--model", tmp_model, "--task",
+           f"jsonl:{out / 'heldout_prompts.jsonl'}", "--limit", str(limit), "--exit-layers", "2:7:1",
+           "--num-speculations", "2,3,4,6,8", "--confidence-threshold", str(threshold), "--max-new-tokens", "128",
+           "--threads", "1", "--out", sweep)
+        rows += [dict(r, confidence_threshold=threshold) for r in csv_rows(sweep / "sweep.csv")]
+    best = max(rows, key=lambda r: float(r["speedup"]))
     model.config.layerskip = {"trained": True, "exit_layer": int(best["exit_layer"]),
                               "num_speculations": int(best["num_speculations"]),
-                              "recipe": "scripts/build_default_model.py (see docs/default_model.md)"}
+                              "confidence_threshold": best["confidence_threshold"],
+                              "recipe": "scripts/build_default_model.py (see docs/default_model.md)",
+                              "draft_vocab": draft_vocab}
     tmp = ASSET.with_name(ASSET.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.to(torch.bfloat16).save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     shutil.rmtree(ASSET, ignore_errors=True)
     os.replace(tmp, ASSET)
+    shutil.rmtree(tmp_model, ignore_errors=True)
     print(f"default model written to {ASSET}: E={best['exit_layer']} d={best['num_speculations']} "
+          f"confidence threshold {best['confidence_threshold']:g}, draft vocabulary {len(draft_vocab)}: "
           f"speedup {float(best['speedup']):.2f}x")
 
 

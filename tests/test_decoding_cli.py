@@ -47,6 +47,9 @@ def test_prompt_from_stdin(tiny_checkpoint):
     (["--sample", "--temperature", "0"], "temperature must be > 0"),
     (["--sample", "--top-p", "1.5"], "top_p must be in (0, 1]"),
     (["--max-new-tokens", "5000"], "exceeds the model's 512 positions"),
+    (["--strategy", "self-speculative", "--confidence-threshold", "1"], "confidence_threshold must be a number in [0, 1)"),
+    (["--strategy", "self-speculative", "--draft-vocab", "-2"], "draft_vocab must be >= 0"),
+    (["--strategy", "self-speculative", "--draft-vocab", "100"], "needs a model trained by `layerskip train`"),
 ])
 def test_bad_options(tiny_checkpoint, capsys, args, message):
     code, out, err = run_cli(["generate", "--model", str(tiny_checkpoint), "--prompt", "x"] + args, capsys)

@@ -56,8 +56,13 @@ def _sequence_distribution(model, ids, n, params):
     return dist
 
 
-@pytest.mark.parametrize("params", [SamplingParams(True, 1.0, None, None), SamplingParams(True, 0.7, 3, 0.9)])
-def test_self_speculative_sampling_matches_full_model_distribution(params):
+@pytest.mark.parametrize("params,drafting", [
+    (SamplingParams(True, 1.0, None, None), {}),
+    (SamplingParams(True, 0.7, 3, 0.9), {}),
+    # a draft vocabulary without token 1 and adaptive draft length: still the full model's distribution
+    (SamplingParams(True, 1.0, None, None), {"draft_vocab": [0, 2, 3], "confidence_threshold": 0.4}),
+])
+def test_self_speculative_sampling_matches_full_model_distribution(params, drafting):
     """Total variation between sampled 2-token sequences and the exact full-model distribution."""
     # a large init makes the exit-1 draft distribution far from the full model's (checked below)
     model = make_random_model("llama", num_layers=2, hidden_size=16, num_heads=2, vocab_size=4, seed=11,
@@ -69,7 +74,7 @@ def test_self_speculative_sampling_matches_full_model_distribution(params):
     for seed in range(n):
         out = layerskip.generate(model, ids, strategy="self_speculative", exit_layer=1, num_speculations=2,
                                  max_new_tokens=2, do_sample=True, temperature=params.temperature,
-                                 top_k=params.top_k, top_p=params.top_p, seed=seed, eos_token_id=[])
+                                 top_k=params.top_k, top_p=params.top_p, seed=seed, eos_token_id=[], **drafting)
         counts[tuple(out.token_ids)] = counts.get(tuple(out.token_ids), 0) + 1
     tv = 0.5 * sum(abs(counts.get(s, 0) / n - p) for s, p in exact.items())
     # with 16 outcomes and n = 2000 the sampling noise alone gives TV around 0.03

@@ -32,15 +32,22 @@ SMALL_GEMM_MAX_ROWS = 12
 
 def linear(x: torch.Tensor, layer: nn.Module, small_gemm: bool) -> torch.Tensor:
     """layer(x) for x (..., in); on CPU with few rows, through W @ x.T (see above)."""
-    rows = x.numel() // x.shape[-1]
-    if not small_gemm or rows > SMALL_GEMM_MAX_ROWS or type(layer) is not nn.Linear:
+    if type(layer) is not nn.Linear:
         return layer(x)
+    return matmul(x, layer.weight, layer.bias, small_gemm)
+
+
+def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, small_gemm: bool) -> torch.Tensor:
+    """F.linear(x, weight, bias) for x (..., in), weight (out, in); few rows on CPU through W @ x.T."""
+    rows = x.numel() // x.shape[-1]
+    if not small_gemm or rows > SMALL_GEMM_MAX_ROWS:
+        return F.linear(x, weight, bias)
     x2 = x.reshape(rows, -1)  # (M, in)
     if rows == 1:
         x2 = torch.cat([x2, x2])  # a 2-column GEMM streams the weight faster than the GEMV
-    y = (layer.weight @ x2.T).T[:rows]  # (M, out)
-    if layer.bias is not None:
-        y = y + layer.bias
+    y = (weight @ x2.T).T[:rows]  # (M, out)
+    if bias is not None:
+        y = y + bias
     return y.reshape(*x.shape[:-1], -1)
 
 
@@ -86,6 +93,7 @@ class LayerStack:
         self.vocab_size = cfg.vocab_size
         self.small_gemm = self.device.type == "cpu"
         self._cos = self._sin = None
+        self._sub = None  # (vocab ids, head weight version, head rows, bias rows) of the last draft vocabulary
 
     @property
     def device(self) -> torch.device:
@@ -105,9 +113,16 @@ class LayerStack:
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(ids)  # (B, T) -> (B, T, H)
 
-    def logits(self, h: torch.Tensor) -> torch.Tensor:
-        """Final norm + LM head on any layer's output: (..., H) -> (..., V)."""
-        return linear(self.norm(h), self.lm_head, self.small_gemm)
+    def logits(self, h: torch.Tensor, vocab: torch.Tensor | None = None) -> torch.Tensor:
+        """Final norm + LM head on any layer's output: (..., H) -> (..., V).
+
+        With `vocab` (a 1-D LongTensor of token ids), only those rows of the head: (..., len(vocab)),
+        column j scoring token vocab[j]. Drafting uses it to skip most of a large head.
+        """
+        if vocab is None:
+            return linear(self.norm(h), self.lm_head, self.small_gemm)
+        weight, bias = self._sub_head(vocab)
+        return matmul(self.norm(h), weight, bias, self.small_gemm)
 
     def run(self, h: torch.Tensor, start: int, end: int, cache: KVCache, pos: int) -> torch.Tensor:
         """Apply layers [start, end) to h (B, T, H) whose first token is at position `pos`.
@@ -151,6 +166,15 @@ class LayerStack:
         )  # (B, Hq, T, D)
         return linear(out.transpose(1, 2).reshape(B, T, -1), attn.o_proj, g)
 
+    def _sub_head(self, vocab: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The LM head's rows for `vocab`, gathered once per vocabulary (contiguous, so a draft step
+        streams len(vocab) rows instead of V)."""
+        weight, bias = self.lm_head.weight, self.lm_head.bias
+        old = self._sub
+        if old is None or old[1] != _version(weight) or not (old[0] is vocab or _same_ids(old[0], vocab)):
+            self._sub = (vocab, _version(weight), weight[vocab].contiguous(), None if bias is None else bias[vocab])
+        return self._sub[2], self._sub[3]
+
     def _ensure_rope(self, max_len: int) -> None:
         """Precompute cos/sin for positions [0, max_len) with the model's own rotary embedding."""
         if self._cos is not None and self._cos.shape[0] >= max_len:
@@ -161,6 +185,18 @@ class LayerStack:
         with torch.no_grad():
             cos, sin = self.rotary_emb(probe, positions)  # (1, n, D)
         self._cos, self._sin = cos[0], sin[0]
+
+
+def _version(t: torch.Tensor) -> int:
+    """t's in-place modification counter (inference tensors have none: they cannot change outside inference mode)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return -1
+
+
+def _same_ids(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and a.device == b.device and bool(torch.equal(a, b))
 
 
 def _attention_mask(pos: int, T: int, window: int | None, device) -> torch.Tensor | None:

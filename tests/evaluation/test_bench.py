@@ -41,6 +41,18 @@ def test_self_speculative_is_lossless_on_a_random_model(tiny, tokenizer, prompts
     assert report.token_ids["self_speculative"] == report.token_ids["autoregressive"]
 
 
+def test_drafting_options_reach_every_self_speculative_run(tiny, tokenizer, prompts_task):
+    vocab = list(range(0, tiny.config.vocab_size, 3))
+    report = run_bench(tiny, tokenizer, prompts_task, strategies="self-speculative", exit_layer=1,
+                       num_speculations=4, confidence_threshold=0.01, draft_vocab=vocab, max_new_tokens=10,
+                       progress=False, score=False)
+    ss = report.result("self_speculative")
+    assert ss.match_rate == 1.0 and ss.confidence_threshold == 0.01 and ss.draft_vocab_size == len(vocab)
+    assert ss.predicted_speedup is None  # the cost model drafts over the full vocabulary
+    assert "confidence threshold 0.01, draft vocabulary %d" % len(vocab) in format_table(report)
+    assert report.result("autoregressive").confidence_threshold is None
+
+
 def test_compare_transformers_matches_our_greedy(tiny_exact, tokenizer, prompts_task):
     report = run_bench(tiny_exact, tokenizer, prompts_task, strategies="self_speculative", exit_layer=2,
                        num_speculations=3, max_new_tokens=10, compare_transformers=True, progress=False,

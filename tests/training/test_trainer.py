@@ -46,6 +46,13 @@ def test_train_writes_the_log_checkpoints_and_a_loadable_model(tiny_ckpt, tiny_d
     for where in (out, out / "checkpoint-2", out / "checkpoint-4"):
         model, tok = models.load(str(where))
         assert tok is not None and model.config.num_hidden_layers == 4
+    # the training data's most frequent tokens are stored for drafting (layerskip.decoding.draft_vocab)
+    ranked = model.config.layerskip["draft_vocab"]
+    assert len(set(ranked)) == len(ranked) > 0 and all(0 <= i < model.config.vocab_size for i in ranked)
+    ids = [i for f in sorted(tiny_data.rglob("*.py")) for i in tok(f.read_text(), add_special_tokens=False)["input_ids"]]
+    counts = torch.bincount(torch.tensor(ids), minlength=model.config.vocab_size)
+    assert ranked[0] in counts.topk(3).indices.tolist()  # (the ranking counts the train blocks only)
+    assert counts[ranked[:5]].sum() > counts[ranked[-5:]].sum()
     # `layerskip generate` runs on the trained model, self-speculation from an early exit included
     assert main(["generate", "--model", str(out), "--prompt", "def f(", "--max-new-tokens", "4",
                  "--strategy", "self_speculative", "--exit-layer", "2"]) == 0

@@ -7,6 +7,7 @@ import weakref
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from layerskip.decoding import draft_vocab as draft_vocabulary
 from layerskip.decoding.autoregressive import decode_autoregressive
 from layerskip.decoding.result import GenerationResult, GenerationStats
 from layerskip.decoding.sampling import SamplingParams
@@ -45,9 +46,10 @@ def normalize_strategy(strategy: str) -> str:
 
 
 def model_defaults(model) -> dict:
-    """The exit layer and number of speculations stored with a LayerSkip-trained model, if any.
+    """The decoding settings stored with a LayerSkip-trained model, if any.
 
-    They live in config.json under "layerskip": {"exit_layer": E, "num_speculations": d}.
+    They live in config.json under "layerskip": {"exit_layer": E, "num_speculations": d,
+    "confidence_threshold": c, "draft_vocab": [token ids]} (each optional).
     """
     stored = getattr(model.config, "layerskip", None)
     return dict(stored) if isinstance(stored, dict) else {}
@@ -68,6 +70,25 @@ def resolve_num_speculations(model, num_speculations: int | None) -> int:
     if not isinstance(num_speculations, int) or num_speculations < 1:
         raise LayerSkipError(f"num_speculations must be an integer >= 1, got {num_speculations}")
     return num_speculations
+
+
+def resolve_confidence_threshold(model, confidence_threshold: float | None) -> float:
+    if confidence_threshold is None:
+        confidence_threshold = model_defaults(model).get("confidence_threshold") or 0.0
+    _check_threshold(confidence_threshold)
+    return float(confidence_threshold)
+
+
+def _check_threshold(value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise LayerSkipError(f"confidence_threshold must be a number in [0, 1), got {value!r}")
+
+
+def resolve_draft_vocab(model, draft_vocab, device) -> torch.Tensor | None:
+    """The draft vocabulary ids (None: the full vocabulary); see draft_vocab.py."""
+    stored = model_defaults(model).get("draft_vocab")
+    return draft_vocabulary.resolve(stored if isinstance(stored, list) else None, draft_vocab,
+                                    model.get_output_embeddings().weight.shape[0], device)
 
 
 def _eos_ids(model, eos_token_id) -> list[int]:
@@ -96,9 +117,11 @@ def _prompt_tensor(input_ids, device) -> torch.Tensor:
 
 
 def check_options(*, strategy="autoregressive", max_new_tokens=128, do_sample=False, temperature=1.0, top_k=None,
-                  top_p=None, num_speculations=None) -> SamplingParams:
+                  top_p=None, num_speculations=None, confidence_threshold=None) -> SamplingParams:
     """Validate the model-independent options (the CLI calls this before loading a model)."""
     normalize_strategy(strategy)
+    if confidence_threshold is not None:
+        _check_threshold(confidence_threshold)
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise LayerSkipError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens}")
     if num_speculations is not None and (not isinstance(num_speculations, int) or num_speculations < 1):
@@ -128,7 +151,8 @@ def _streaming_callback(streamer, prompt: torch.Tensor):
 
 
 def generate(model, input_ids, *, strategy: str = "autoregressive", exit_layer: int | None = None,
-             num_speculations: int | None = None, max_new_tokens: int = 128, do_sample: bool = False,
+             num_speculations: int | None = None, confidence_threshold: float | None = None, draft_vocab=None,
+             max_new_tokens: int = 128, do_sample: bool = False,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
              eos_token_id: int | list[int] | None = None, stop_strings: list[str] | str | None = None,
              tokenizer=None, seed: int | None = None, streamer=None) -> GenerationResult:
@@ -143,6 +167,12 @@ def generate(model, input_ids, *, strategy: str = "autoregressive", exit_layer: 
             verify with [E, L) in one pass, one shared KV cache; LayerSkip §4.2). Dashes also accepted.
         exit_layer: E, 1 <= E < L. Default: the value stored with the model, else L // 2.
         num_speculations: d, drafts per round. Default: the value stored with the model, else 4.
+        confidence_threshold: self-speculative only: stop a round's drafting at the first draft whose
+            draft probability is below it (adaptive draft length; lossless). Default: the value stored
+            with the model, else 0 (always draft d).
+        draft_vocab: self-speculative only: the token ids a draft may be (the full head still verifies;
+            lossless). None: the list stored with the model by `layerskip train`, else the full
+            vocabulary; 0: the full vocabulary; N: the N most frequent stored ids; or a list of ids.
         max_new_tokens: the most new tokens (exact: never exceeded).
         do_sample, temperature, top_k, top_p, seed: sampling; greedy when do_sample is False.
         eos_token_id: stop ids; default the model's generation_config.eos_token_id.
@@ -155,7 +185,8 @@ def generate(model, input_ids, *, strategy: str = "autoregressive", exit_layer: 
         to greedy autoregressive output (in fp32).
     """
     params = check_options(strategy=strategy, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                           temperature=temperature, top_k=top_k, top_p=top_p, num_speculations=num_speculations)
+                           temperature=temperature, top_k=top_k, top_p=top_p, num_speculations=num_speculations,
+                           confidence_threshold=confidence_threshold)
     strategy = normalize_strategy(strategy)
     stack = layer_stack(model)
     L = stack.num_layers
@@ -163,7 +194,10 @@ def generate(model, input_ids, *, strategy: str = "autoregressive", exit_layer: 
         exit_layer = resolve_exit_layer(model, exit_layer)
     else:
         exit_layer = None
-    num_speculations = resolve_num_speculations(model, num_speculations) if strategy == "self_speculative" else None
+    speculative = strategy == "self_speculative"
+    num_speculations = resolve_num_speculations(model, num_speculations) if speculative else None
+    confidence_threshold = resolve_confidence_threshold(model, confidence_threshold) if speculative else None
+    vocab = resolve_draft_vocab(model, draft_vocab, stack.device) if speculative else None
     if isinstance(stop_strings, str):
         stop_strings = [stop_strings]
     if stop_strings and tokenizer is None:
@@ -177,7 +211,8 @@ def generate(model, input_ids, *, strategy: str = "autoregressive", exit_layer: 
         )
     stopper = StopChecker(max_new_tokens, _eos_ids(model, eos_token_id), stop_strings, tokenizer)
     stats = GenerationStats(strategy=strategy, exit_layer=exit_layer, num_speculations=num_speculations,
-                            num_prompt_tokens=T)
+                            confidence_threshold=confidence_threshold,
+                            draft_vocab_size=None if vocab is None else vocab.shape[0], num_prompt_tokens=T)
     generator = None
     if seed is not None:
         generator = torch.Generator(device=stack.device).manual_seed(seed)
@@ -188,7 +223,8 @@ def generate(model, input_ids, *, strategy: str = "autoregressive", exit_layer: 
         elif strategy == "self_speculative":
             tokens = decode_self_speculative(stack, prompt, exit_layer=exit_layer, num_speculations=num_speculations,
                                              params=params, stopper=stopper, stats=stats, generator=generator,
-                                             on_tokens=on_tokens)
+                                             on_tokens=on_tokens, draft_vocab=vocab,
+                                             confidence_threshold=confidence_threshold)
         else:
             tokens = decode_autoregressive(stack, prompt, num_layers=exit_layer or L, params=params, stopper=stopper,
                                            stats=stats, generator=generator, on_tokens=on_tokens)

@@ -24,6 +24,7 @@ def add_decoding_args(p: argparse.ArgumentParser) -> None:
                    help="autoregressive | early-exit | self-speculative (default: autoregressive)")
     p.add_argument("--exit-layer", type=int, default=None, help="E: exit after the first E layers (1 <= E < L)")
     p.add_argument("--num-speculations", type=int, default=None, help="d: tokens drafted per round")
+    add_drafting_args(p)
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float, default=1.0)
@@ -32,6 +33,16 @@ def add_decoding_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=None, metavar="STRING", type=_unescape,
                    help="stop string (repeatable; \\n and \\t are read as newline and tab); the output is cut before it")
+
+
+def add_drafting_args(p: argparse.ArgumentParser) -> None:
+    """Self-speculative drafting options (lossless either way; defaults: the values stored with the model)."""
+    p.add_argument("--confidence-threshold", type=float, default=None, metavar="C",
+                   help="stop a round's drafting at the first draft whose draft probability is below C "
+                        "(adaptive draft length; 0 = always draft d)")
+    p.add_argument("--draft-vocab", type=int, default=None, metavar="N",
+                   help="draft over the N most frequent tokens of the model's training data (stored by "
+                        "`layerskip train`); 0 = the full vocabulary")
 
 
 def _unescape(text: str) -> str:
@@ -96,6 +107,10 @@ def stats_line(stats) -> str:
     if stats.acceptance_rate is not None:
         parts.append(f"d={stats.num_speculations}, acceptance {stats.acceptance_rate:.2f}, "
                      f"{stats.tokens_per_round:.2f} tokens/round")
+        if stats.confidence_threshold:
+            parts.append(f"confidence threshold {stats.confidence_threshold:g}")
+        if stats.draft_vocab_size:
+            parts.append(f"draft vocabulary {stats.draft_vocab_size}")
     return "[" + " | ".join(parts) + "]"
 
 
@@ -138,14 +153,15 @@ def run_generate(args) -> int:
     _set_threads(args.threads)
     check_options(strategy=args.strategy, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                  num_speculations=args.num_speculations)  # fail fast, before loading a model
+                  num_speculations=args.num_speculations,
+                  confidence_threshold=args.confidence_threshold)  # fail fast, before loading a model
     prompt = _read_prompt(args)
     model, tokenizer = load(args.model, dtype=args.dtype, device=args.device)
     ids = encode_prompt(tokenizer, prompt, args.chat)
     printer = TextPrinter(tokenizer, args.stop) if args.stream else None
     result = generate(model, ids, strategy=args.strategy, exit_layer=args.exit_layer,
-                      num_speculations=args.num_speculations, max_new_tokens=args.max_new_tokens,
-                      do_sample=args.sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                      num_speculations=args.num_speculations, confidence_threshold=args.confidence_threshold,
+                      draft_vocab=args.draft_vocab, max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                       stop_strings=args.stop, tokenizer=tokenizer, seed=args.seed, streamer=printer)
     if printer:
         printer.finish(result.text)

@@ -16,6 +16,8 @@ class GenerationStats:
     strategy: str
     exit_layer: int | None = None
     num_speculations: int | None = None
+    confidence_threshold: float | None = None  # self-speculative: adaptive draft length (0 = off)
+    draft_vocab_size: int | None = None  # self-speculative: tokens the draft head scores (None = all)
     num_prompt_tokens: int = 0
     num_new_tokens: int = 0
     stop_reason: str | None = None  # "eos" | "stop_string" | "length"

@@ -57,6 +57,8 @@ class StrategyResult:
     num_new_tokens: int = 0
     total_s: float = 0.0
     tokens_per_round: float | None = None
+    confidence_threshold: float | None = None  # self-speculative drafting options in effect
+    draft_vocab_size: int | None = None
 
 
 @dataclass
@@ -111,8 +113,8 @@ def parse_strategies(text: str | list[str]) -> list[str]:
 
 
 def run_bench(model, tokenizer, task: Task, *, strategies=OURS, exit_layer: int | None = None,
-              num_speculations: int | None = None, max_new_tokens: int = 128,
-              compare_transformers: bool = False, warmup: bool = True, score: bool = True,
+              num_speculations: int | None = None, confidence_threshold: float | None = None, draft_vocab=None,
+              max_new_tokens: int = 128, compare_transformers: bool = False, warmup: bool = True, score: bool = True,
               predict: bool = True, model_name: str = "", progress: bool = True) -> BenchReport:
     """Time `strategies` over `task.samples` (batch size 1, greedy) and score their completions.
 
@@ -121,6 +123,7 @@ def run_bench(model, tokenizer, task: Task, *, strategies=OURS, exit_layer: int 
         task: from `tasks.load_task`.
         strategies: names from OURS (dashes accepted); autoregressive is always run, as the baseline.
         exit_layer, num_speculations: E and d (defaults: the model's stored values, else L // 2 and 4).
+        confidence_threshold, draft_vocab: self-speculative drafting options (see `layerskip.generate`).
         max_new_tokens: per prompt.
         compare_transformers: also time transformers' greedy and assistant_early_exit generate().
         warmup: run every strategy once on the first prompt before timing.
@@ -139,10 +142,11 @@ def run_bench(model, tokenizer, task: Task, *, strategies=OURS, exit_layer: int 
     E = resolve_exit_layer(model, exit_layer)
     d = resolve_num_speculations(model, num_speculations)
     eos = _eos_ids(model, tokenizer)
+    drafting = dict(confidence_threshold=confidence_threshold, draft_vocab=draft_vocab)
     prompts = [_encode(tokenizer, s, model, max_new_tokens) for s in task.samples]
 
     def call(strategy: str, i: int, n: int) -> _Run:
-        return _generate(model, tokenizer, strategy, prompts[i], task.samples[i], E, d, n, eos)
+        return _generate(model, tokenizer, strategy, prompts[i], task.samples[i], E, d, n, eos, drafting)
 
     if warmup:  # full length: every cache length the timed runs will see (GPU kernels, allocator)
         for strategy in strategies:
@@ -178,7 +182,7 @@ def run_bench(model, tokenizer, task: Task, *, strategies=OURS, exit_layer: int 
 # ----------------------------------------------------------------------------------- running
 
 
-def _generate(model, tokenizer, strategy, prompt, sample: Sample, E, d, max_new_tokens, eos) -> _Run:
+def _generate(model, tokenizer, strategy, prompt, sample: Sample, E, d, max_new_tokens, eos, drafting) -> _Run:
     stops = list(sample.stop_strings) or None
     if strategy in TRANSFORMERS:
         return _transformers_generate(model, tokenizer, prompt, strategy, E, d, max_new_tokens, eos, stops)
@@ -187,6 +191,7 @@ def _generate(model, tokenizer, strategy, prompt, sample: Sample, E, d, max_new_
         model, prompt, strategy=strategy, exit_layer=E if strategy != "autoregressive" else None,
         num_speculations=d if strategy == "self_speculative" else None, max_new_tokens=max_new_tokens,
         eos_token_id=eos or None, stop_strings=stops, tokenizer=tokenizer,
+        **(drafting if strategy == "self_speculative" else {}),
     )
     seconds = _clock(model) - t0
     text = out.text if out.text is not None else tokenizer.decode(out.token_ids, skip_special_tokens=True)
@@ -323,7 +328,9 @@ def _summarize(strategy, runs: list[_Run], baseline: list[_Run], E, d, times) ->
         rounds = sum(r.stats.rounds for r in runs)
         result.acceptance_rate = sum(r.stats.accepted for r in runs) / drafted if drafted else 0.0
         result.tokens_per_round = tokens / rounds if rounds else None
-        if times is not None and rounds:
+        result.confidence_threshold = runs[0].stats.confidence_threshold
+        result.draft_vocab_size = runs[0].stats.draft_vocab_size
+        if times is not None and rounds and result.draft_vocab_size is None:  # (the cost model drafts over V)
             result.predicted_speedup = cost_model.predicted_speedup(times, tokens / rounds, drafted / rounds)
     elif strategy == "early_exit" and times is not None:
         result.predicted_speedup = cost_model.predicted_early_exit_speedup(times)
@@ -382,6 +389,12 @@ def format_table(report: BenchReport) -> str:
              for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     title = f"{report.task} · {report.num_samples} samples · {report.max_new_tokens} new tokens max · {report.model}"
+    for r in report.results:
+        if r.strategy == "self_speculative" and (r.confidence_threshold or r.draft_vocab_size):
+            lines.append(f"self-speculative drafting: confidence threshold {r.confidence_threshold or 0:g}, draft "
+                         f"vocabulary {r.draft_vocab_size or 'full'}" + (" (no prediction: the cost model drafts "
+                                                                         "over the full vocabulary)"
+                                                                         if r.draft_vocab_size else ""))
     return title + "\n" + "\n".join(lines)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 
+from layerskip.decoding.cli import add_drafting_args
 from layerskip.errors import LayerSkipError
 
 TASK_HELP = "humaneval, cnn_dm, xsum, topv2, or jsonl:PATH"
@@ -25,6 +26,7 @@ def add_parser(subparsers) -> None:
                                                       "model, else L/2)")
     bench.add_argument("--num-speculations", type=int, help="d: drafts per round (default: stored with the "
                                                             "model, else 4)")
+    add_drafting_args(bench)
     bench.add_argument("--compare-transformers", action="store_true",
                        help="also time transformers' greedy generate() and generate(assistant_early_exit=E)")
     bench.add_argument("--no-metrics", action="store_true", help="skip scoring (pass@1, ROUGE, exact match)")
@@ -39,6 +41,7 @@ def add_parser(subparsers) -> None:
     _task_flags(sweep, default_task="humaneval")
     sweep.add_argument("--exit-layers", required=True, help="E values: a list 2,4,6 or a range A:B:S (B included)")
     sweep.add_argument("--num-speculations", required=True, help="d values: a list or a range A:B:S")
+    add_drafting_args(sweep)
     sweep.add_argument("--max-new-tokens", type=int, default=64, help="new tokens per prompt at most (default 64)")
     sweep.add_argument("--out", required=True, metavar="DIR", help="directory for sweep.csv, sweep.png, sweep.json")
     sweep.set_defaults(func=cmd_sweep)
@@ -59,6 +62,15 @@ def add_parser(subparsers) -> None:
     analyze.add_argument("--compare", metavar="OTHER_MODEL", help="a second model to overlay (e.g. before training)")
     analyze.add_argument("--out", required=True, metavar="DIR", help="directory for layers.csv and layers.png")
     analyze.set_defaults(func=cmd_analyze)
+
+
+def _check_drafting(args) -> None:
+    """Fail fast on bad drafting options, before a model is loaded."""
+    from layerskip.decoding.api import check_options
+
+    check_options(confidence_threshold=args.confidence_threshold)
+    if args.draft_vocab is not None and args.draft_vocab < 0:
+        raise LayerSkipError(f"--draft-vocab must be >= 0 (0 = the full vocabulary), got {args.draft_vocab}")
 
 
 def _model_flags(p: argparse.ArgumentParser) -> None:
@@ -101,11 +113,13 @@ def cmd_bench(args) -> int:
 
     _positive(args.max_new_tokens, "--max-new-tokens")
     _positive(args.num_speculations, "--num-speculations")
+    _check_drafting(args)
     strategies = parse_strategies(args.strategies)
     task = load_task(args.task, data_file=args.data_file, limit=args.limit)
     model, tokenizer = _load_model(args)
     report = run_bench(model, tokenizer, task, strategies=strategies, exit_layer=args.exit_layer,
-                       num_speculations=args.num_speculations, max_new_tokens=args.max_new_tokens,
+                       num_speculations=args.num_speculations, confidence_threshold=args.confidence_threshold,
+                       draft_vocab=args.draft_vocab, max_new_tokens=args.max_new_tokens,
                        compare_transformers=args.compare_transformers, score=not args.no_metrics,
                        model_name=args.model or "default")
     print(format_table(report))
@@ -122,10 +136,12 @@ def cmd_sweep(args) -> int:
     exit_layers = parse_int_list(args.exit_layers, "--exit-layers")
     specs = parse_int_list(args.num_speculations, "--num-speculations")
     _positive(args.max_new_tokens, "--max-new-tokens")
+    _check_drafting(args)
     task = load_task(args.task, data_file=args.data_file, limit=args.limit)
     model, tokenizer = _load_model(args)
     result = run_sweep(model, tokenizer, task, exit_layers, specs, args.out, max_new_tokens=args.max_new_tokens,
-                       model_name=args.model or "default")
+                       model_name=args.model or "default", confidence_threshold=args.confidence_threshold,
+                       draft_vocab=args.draft_vocab)
     if result.measured < len(exit_layers) * len(specs):
         print(f"resumed: {len(exit_layers) * len(specs) - result.measured} (E, d) pairs were already in {result.csv_path}")
     cols = ["E", "d", "tok/s", "AR tok/s", "speedup", "predicted", "accept", "tok/round"]

@@ -59,7 +59,8 @@ def parse_int_list(text: str, flag: str) -> list[int]:
 
 def run_sweep(model, tokenizer, task: Task, exit_layers: list[int], num_speculations: list[int],
               out_dir: str | Path, *, max_new_tokens: int = 64, model_name: str = "", predict: bool = True,
-              progress: bool = True, on_row: Callable[[dict], None] | None = None) -> SweepResult:
+              progress: bool = True, on_row: Callable[[dict], None] | None = None,
+              confidence_threshold: float | None = None, draft_vocab: int | None = None) -> SweepResult:
     """Measure every (E, d) pair not yet in `out_dir`/sweep.csv, then write the heatmap.
 
     Args:
@@ -67,6 +68,7 @@ def run_sweep(model, tokenizer, task: Task, exit_layers: list[int], num_speculat
         num_speculations: d values, each >= 1.
         out_dir: where sweep.csv / sweep.png / sweep.json go (created if needed).
         on_row: called with each new row after it is saved (e.g. to report progress).
+        confidence_threshold, draft_vocab: drafting options for every row (see `layerskip.generate`).
     Returns:
         SweepResult.
     """
@@ -82,6 +84,10 @@ def run_sweep(model, tokenizer, task: Task, exit_layers: list[int], num_speculat
     csv_path, png_path, json_path = out / "sweep.csv", out / "sweep.png", out / "sweep.json"
     settings = {"model": model_name, "task": task.name, "num_samples": len(task.samples),
                 "max_new_tokens": max_new_tokens, "num_layers": L}
+    if confidence_threshold is not None:
+        settings["confidence_threshold"] = confidence_threshold
+    if draft_vocab is not None:
+        settings["draft_vocab"] = draft_vocab
     rows = _resume(csv_path, json_path, settings)
     done = {(r["exit_layer"], r["num_speculations"]) for r in rows}
     todo = [(e, d) for e in exit_layers for d in num_speculations if (e, d) not in done]
@@ -93,7 +99,8 @@ def run_sweep(model, tokenizer, task: Task, exit_layers: list[int], num_speculat
     for i, (e, d) in enumerate(todo):
         bar.set_postfix_str(f"E={e} d={d}", refresh=True)
         report = run_bench(model, tokenizer, task, strategies=["self_speculative"], exit_layer=e,
-                           num_speculations=d, max_new_tokens=max_new_tokens, warmup=i == 0, score=False,
+                           num_speculations=d, confidence_threshold=confidence_threshold, draft_vocab=draft_vocab,
+                           max_new_tokens=max_new_tokens, warmup=i == 0, score=False,
                            predict=predict, model_name=model_name, progress=False)
         ar, ss = report.result("autoregressive"), report.result("self_speculative")
         row = {"exit_layer": e, "num_speculations": d, "tokens_per_second": ss.tokens_per_second,

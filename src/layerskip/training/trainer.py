@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainingArguments
 
+from layerskip.decoding import draft_vocab
 from layerskip.errors import LayerSkipError
 from layerskip.training.config import TrainConfig
 from layerskip.training.curriculum import Curriculum
@@ -181,6 +182,7 @@ def train(config: TrainConfig) -> TrainResult:
             f"--output-dir {out} already holds a training run; continue it with --resume, or choose a new directory"
         )
     causal_lm = load_weights(config, lm_config)
+    store_draft_vocab(causal_lm.config, train_set.blocks)
     model = LayerSkipModel(
         causal_lm,
         LayerDropout(num_layers, config.layer_dropout_max, config.max_steps, config.layer_dropout_depth,
@@ -210,6 +212,16 @@ def train(config: TrainConfig) -> TrainResult:
     trainer.save_model(str(out))
     metrics = trainer.evaluate() if eval_set is not None and config.eval_steps == 0 else {}
     return TrainResult(out, trainer.state.global_step, metrics, causal_lm)
+
+
+def store_draft_vocab(lm_config, token_ids: torch.Tensor) -> None:
+    """Record the training data's most frequent token ids in the config ("layerskip": {"draft_vocab"}),
+    for self-speculative drafting over them (layerskip.decoding.draft_vocab); saved with the model."""
+    vocab_size = lm_config.vocab_size
+    token_ids = token_ids[(token_ids >= 0) & (token_ids < vocab_size)]
+    ranked = draft_vocab.rank_tokens(draft_vocab.count_tokens(token_ids, vocab_size))
+    stored = getattr(lm_config, "layerskip", None)
+    lm_config.layerskip = {**(stored if isinstance(stored, dict) else {}), "draft_vocab": ranked}
 
 
 def _stop_on_nan(trainer: LayerSkipTrainer, e: NonFiniteLoss, out: Path) -> str:
