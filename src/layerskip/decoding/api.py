@@ -167,9 +167,9 @@ def generate(model, input_ids, *, strategy: str = "autoregressive", exit_layer: 
             verify with [E, L) in one pass, one shared KV cache; LayerSkip §4.2). Dashes also accepted.
         exit_layer: E, 1 <= E < L. Default: the value stored with the model, else L // 2.
         num_speculations: d, drafts per round. Default: the value stored with the model, else 4.
-        confidence_threshold: self-speculative only: stop a round's drafting at the first draft whose
-            draft probability is below it (adaptive draft length; lossless). Default: the value stored
-            with the model, else 0 (always draft d).
+        confidence_threshold: self-speculative only: stop a round's drafting where the draft
+            distribution's top probability is below it (adaptive draft length; lossless, also when
+            sampling). Default: the value stored with the model, else 0 (always draft d).
         draft_vocab: self-speculative only: the token ids a draft may be (the full head still verifies;
             lossless). None: the list stored with the model by `layerskip train`, else the full
             vocabulary; 0: the full vocabulary; N: the N most frequent stored ids; or a list of ids.

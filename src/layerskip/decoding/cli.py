@@ -38,7 +38,7 @@ def add_decoding_args(p: argparse.ArgumentParser) -> None:
 def add_drafting_args(p: argparse.ArgumentParser) -> None:
     """Self-speculative drafting options (lossless either way; defaults: the values stored with the model)."""
     p.add_argument("--confidence-threshold", type=float, default=None, metavar="C",
-                   help="stop a round's drafting at the first draft whose draft probability is below C "
+                   help="stop a round's drafting where the draft distribution's top probability is below C "
                         "(adaptive draft length; 0 = always draft d)")
     p.add_argument("--draft-vocab", type=int, default=None, metavar="N",
                    help="draft over the N most frequent tokens of the model's training data (stored by "

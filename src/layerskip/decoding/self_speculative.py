@@ -6,8 +6,9 @@ in the cache (the whole prompt in the first round). Accepted / bonus tokens: see
 
 One round, with x0's first position n:
   draft   x0 through layers [0, E) -> exit hidden h(x0); head -> d1; d1 through [0, E) -> d2; ... dk.
-  verify  dk through [0, E) (unless drafting stopped early and fed it already); then layers [E, L) on the exit hidden states [h(x0), h(d1) .. h(dk)]
-          (k+1 positions, reused from drafting: the "exit cache") -> k+1 predictions in one pass.
+  verify  dk through [0, E) (unless drafting stopped early and fed it already); then layers [E, L) on
+          the exit hidden states [h(x0), h(d1) .. h(dk)] (k+1 positions, reused from drafting: the
+          "exit cache") -> k+1 predictions in one pass.
   accept  the longest prefix of drafts the verifier agrees with, then the verifier's next token.
   rollback  every layer's cache is cut to n + 1 + a; the token just emitted becomes x0.
 Every layer's work on every kept position is done exactly once: the prompt's early layers run in
