@@ -390,11 +390,13 @@ def format_table(report: BenchReport) -> str:
     lines.insert(1, "  ".join("-" * w for w in widths))
     title = f"{report.task} · {report.num_samples} samples · {report.max_new_tokens} new tokens max · {report.model}"
     for r in report.results:
-        if r.strategy == "self_speculative" and (r.confidence_threshold or r.draft_vocab_size):
-            lines.append(f"self-speculative drafting: confidence threshold {r.confidence_threshold or 0:g}, draft "
-                         f"vocabulary {r.draft_vocab_size or 'full'}" + (" (no prediction: the cost model drafts "
-                                                                         "over the full vocabulary)"
-                                                                         if r.draft_vocab_size else ""))
+        if r.strategy != "self_speculative" or not (r.confidence_threshold or r.draft_vocab_size):
+            continue
+        line = (f"self-speculative drafting: confidence threshold {r.confidence_threshold or 0:g}, "
+                f"draft vocabulary {r.draft_vocab_size or 'full'}")
+        if r.draft_vocab_size:
+            line += " (no prediction: the cost model drafts over the full vocabulary)"
+        lines.append(line)
     return title + "\n" + "\n".join(lines)
 
 

@@ -116,10 +116,13 @@ def run_sweep(model, tokenizer, task: Task, exit_layers: list[int], num_speculat
     best = _best(rows)
     io.write_json(json_path, {"settings": settings, "best": best})
     title = f"{model_name or 'model'} · {task.name} · {len(task.samples)} prompts · {max_new_tokens} tokens"
-    if confidence_threshold is not None or draft_vocab is not None:
-        title += "\n" + " · ".join(([f"confidence threshold {confidence_threshold:g}"] if confidence_threshold is not None
-                                     else []) + ([f"draft vocabulary {draft_vocab or 'full'}"] if draft_vocab is not None
-                                                 else []))
+    drafting = []
+    if confidence_threshold is not None:
+        drafting.append(f"confidence threshold {confidence_threshold:g}")
+    if draft_vocab is not None:
+        drafting.append(f"draft vocabulary {draft_vocab or 'full'}")
+    if drafting:
+        title += "\n" + " · ".join(drafting)
     plots.plot_sweep_heatmap(rows, png_path, title=title)
     return SweepResult(rows, best, csv_path, png_path, json_path, measured=len(todo))
 
