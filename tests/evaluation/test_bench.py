@@ -48,7 +48,7 @@ def test_drafting_options_reach_every_self_speculative_run(tiny, tokenizer, prom
                        progress=False, score=False)
     ss = report.result("self_speculative")
     assert ss.match_rate == 1.0 and ss.confidence_threshold == 0.01 and ss.draft_vocab_size == len(vocab)
-    assert ss.predicted_speedup is None  # the cost model drafts over the full vocabulary
+    assert ss.predicted_speedup > 0  # the cost model's draft step uses the same vocabulary
     assert "confidence threshold 0.01, draft vocabulary %d" % len(vocab) in format_table(report)
     assert report.result("autoregressive").confidence_threshold is None
 

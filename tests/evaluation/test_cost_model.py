@@ -1,5 +1,6 @@
 """The cost model: formulas by hand, and isolated step timings that make sense."""
 import pytest
+import torch
 
 from layerskip.errors import LayerSkipError
 from layerskip.evaluation.cost_model import (StepTimes, expected_tokens_per_round, measure_step_times,
@@ -33,3 +34,22 @@ def test_measure_step_times(tiny_exact):
     assert times.t_draft > 0 and times.t_ar > 0 and all(t > 0 for t in times.t_verify.values())
     with pytest.raises(LayerSkipError, match="exit_layer"):
         measure_step_times(tiny_exact, 4, [1])
+
+
+def test_measure_step_times_drafts_over_the_draft_vocabulary(tiny_exact, monkeypatch):
+    from layerskip.forward import LayerStack
+    seen = []
+    logits = LayerStack.logits
+
+    def spy(self, h, vocab=None):
+        seen.append(None if vocab is None else vocab.tolist())
+        return logits(self, h, vocab)
+
+    monkeypatch.setattr(LayerStack, "logits", spy)
+    vocab = torch.tensor([5, 1, 7])
+    times = measure_step_times(tiny_exact, 1, [1], context_len=8, repeats=2, warmup=1, draft_vocab=vocab)
+    assert seen.count([5, 1, 7]) == 3  # every draft step (warmup + repeats), and nothing else
+    assert seen.count(None) == len(seen) - 3 > 0
+    assert times.t_exit > 0  # early exit's step keeps the full head: timed apart
+    assert predicted_early_exit_speedup(times) == times.t_ar / times.t_exit
+    assert measure_step_times(tiny_exact, 1, [1], context_len=8, repeats=2, warmup=1).t_exit is None

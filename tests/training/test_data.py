@@ -63,7 +63,7 @@ def test_held_out_split_is_disjoint_seeded_and_sized(tiny_data):
     (lambda d: str(d / "missing_dir") + "/", "no such file"),
     (lambda d: (d / "empty").mkdir() or str(d / "empty"), "has no files"),
     (lambda d: (d / "e.txt").write_text("  \n") and str(d / "e.txt"), "empty"),
-    (lambda d: (d / "bad.jsonl").write_text("{not json\n") and str(d / "bad.jsonl"), "bad.jsonl:1: not valid JSON"),
+    (lambda d: (d / "bad.jsonl").write_text("{not json\n") and str(d / "bad.jsonl"), "bad.jsonl, line 1: malformed JSON"),
     (lambda d: (d / "nofield.jsonl").write_text('{"body": "x"}\n') and str(d / "nofield.jsonl"), "string field 'text'"),
     (lambda d: (d / "bin.dat").write_bytes(b"\x00\xff") and str(d / "bin.dat"), "not a UTF-8 text file"),
     (lambda d: str(d / "*.nothing"), "no file matches"),

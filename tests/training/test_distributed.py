@@ -37,6 +37,7 @@ WORKER = textwrap.dedent("""
         with open(sys.argv[1], "w") as f:
             json.dump({"world_size": dist.get_world_size(), "digests": digests, "steps": result.steps,
                        "sharded": any(hasattr(p, "full_tensor") for p in params)}, f)
+    dist.destroy_process_group()  # as `layerskip train` does: one left to interpreter exit can abort a worker
 """)
 STEPS = 6
 

@@ -30,7 +30,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 import layerskip
-from layerskip.decoding.api import normalize_strategy, resolve_exit_layer, resolve_num_speculations
+from layerskip.decoding.api import (layer_stack, normalize_strategy, resolve_draft_vocab, resolve_exit_layer,
+                                    resolve_num_speculations)
 from layerskip.errors import LayerSkipError
 from layerskip.evaluation import cost_model
 from layerskip.evaluation.metrics import truncate_at_stop
@@ -163,7 +164,7 @@ def run_bench(model, tokenizer, task: Task, *, strategies=OURS, exit_layer: int 
 
     times = None
     if predict and any(s in strategies for s in ("early_exit", "self_speculative")):
-        times = _measure_costs(model, E, runs.get("self_speculative"), prompts, max_new_tokens)
+        times = _measure_costs(model, E, runs.get("self_speculative"), prompts, max_new_tokens, draft_vocab)
     results = [_summarize(s, runs[s], runs["autoregressive"], E, d, times) for s in strategies]
     if score:
         bar = _progress(len(strategies), progress, "scoring")
@@ -330,15 +331,15 @@ def _summarize(strategy, runs: list[_Run], baseline: list[_Run], E, d, times) ->
         result.tokens_per_round = tokens / rounds if rounds else None
         result.confidence_threshold = runs[0].stats.confidence_threshold
         result.draft_vocab_size = runs[0].stats.draft_vocab_size
-        if times is not None and rounds and result.draft_vocab_size is None:  # (the cost model drafts over V)
+        if times is not None and rounds:
             result.predicted_speedup = cost_model.predicted_speedup(times, tokens / rounds, drafted / rounds)
     elif strategy == "early_exit" and times is not None:
         result.predicted_speedup = cost_model.predicted_early_exit_speedup(times)
     return result
 
 
-def _measure_costs(model, E, spec_runs, prompts, max_new_tokens):
-    """The cost model's step times at this run's typical context and mean drafts per round."""
+def _measure_costs(model, E, spec_runs, prompts, max_new_tokens, draft_vocab):
+    """The cost model's step times at this run's typical context, mean drafts per round and draft vocabulary."""
     ks = {0}
     if spec_runs:
         rounds = sum(r.stats.rounds for r in spec_runs)
@@ -346,7 +347,8 @@ def _measure_costs(model, E, spec_runs, prompts, max_new_tokens):
             k_mean = sum(r.stats.drafted for r in spec_runs) / rounds
             ks = {math.floor(k_mean), math.ceil(k_mean)}  # t_v is interpolated between them
     context = int(sum(len(p) for p in prompts) / len(prompts)) + max_new_tokens // 2
-    return cost_model.measure_step_times(model, E, ks, context_len=context)
+    vocab = resolve_draft_vocab(model, draft_vocab, layer_stack(model).device)
+    return cost_model.measure_step_times(model, E, ks, context_len=context, draft_vocab=vocab)
 
 
 def machine_info(model) -> dict:
@@ -392,11 +394,8 @@ def format_table(report: BenchReport) -> str:
     for r in report.results:
         if r.strategy != "self_speculative" or not (r.confidence_threshold or r.draft_vocab_size):
             continue
-        line = (f"self-speculative drafting: confidence threshold {r.confidence_threshold or 0:g}, "
-                f"draft vocabulary {r.draft_vocab_size or 'full'}")
-        if r.draft_vocab_size:
-            line += " (no prediction: the cost model drafts over the full vocabulary)"
-        lines.append(line)
+        lines.append(f"self-speculative drafting: confidence threshold {r.confidence_threshold or 0:g}, "
+                     f"draft vocabulary {r.draft_vocab_size or 'full'}")
     return title + "\n" + "\n".join(lines)
 
 

@@ -1,7 +1,8 @@
 """The cost model of self-speculative decoding: what speedup the per-step costs allow.
 
 Terminology (DESIGN.md "Cost model"): L layers, exit layer E, k drafts in a round.
-  t_E     one draft step: one token through layers [0, E) + final norm + LM head + argmax.
+  t_E     one draft step: one token through layers [0, E) + final norm + LM head + argmax (the head
+          restricted to the draft vocabulary when drafting uses one).
   t_v(k)  one verify pass: the last draft through [0, E), then layers [E, L) on k + 1 positions,
           norm + head on all k + 1.
   t_ar    one autoregressive step: one token through all L layers + norm + head + argmax.
@@ -37,6 +38,7 @@ class StepTimes:
     t_draft: float  # t_E
     t_ar: float
     t_verify: dict[int, float] = field(default_factory=dict)  # k -> t_v(k)
+    t_exit: float | None = None  # one early-exit step: t_E over the full head (None: t_draft, no draft vocabulary)
 
     def verify_time(self, k: float) -> float:
         """t_v at a (possibly fractional, mean) k: linear between the measured neighbours."""
@@ -69,12 +71,12 @@ def predicted_speedup(times: StepTimes, tokens_per_round: float, drafts_per_roun
 
 
 def predicted_early_exit_speedup(times: StepTimes) -> float:
-    """Early exit emits one token per draft-sized step: t_ar / t_E."""
-    return times.t_ar / times.t_draft
+    """Early exit emits one token per draft-sized step (full head): t_ar / t_E."""
+    return times.t_ar / (times.t_draft if times.t_exit is None else times.t_exit)
 
 
 def measure_step_times(model, exit_layer: int, ks, *, context_len: int = 64, repeats: int = 15,
-                       warmup: int = 3) -> StepTimes:
+                       warmup: int = 3, draft_vocab: torch.Tensor | None = None) -> StepTimes:
     """Time t_E, t_ar and t_v(k) for each k in `ks`, each in isolation, with a cache of `context_len`.
 
     Args:
@@ -83,6 +85,8 @@ def measure_step_times(model, exit_layer: int, ks, *, context_len: int = 64, rep
         ks: draft counts to time the verify pass at (each >= 0).
         context_len: positions already in the cache (e.g. a typical prompt + half the new tokens).
         repeats, warmup: timed and untimed repetitions per piece; the median is kept.
+        draft_vocab: the draft vocabulary's token ids (a LongTensor on the model's device), or None: the draft
+            step's head scores only these (`layerskip.decoding.api.resolve_draft_vocab`).
     Returns:
         StepTimes.
     """
@@ -99,14 +103,17 @@ def measure_step_times(model, exit_layer: int, ks, *, context_len: int = 64, rep
     cache = stack.new_cache(context_len + max_k + 2)
     T = context_len
 
-    def step(num_layers: int) -> None:  # one token at position T through [0, num_layers) + head
+    def step(num_layers: int, vocab=None) -> None:  # one token at position T through [0, num_layers) + head
         h = stack.run(stack.embed(ids[:, T:T + 1]), 0, num_layers, cache, T)  # (1, 1, H)
-        stack.logits(h[:, -1]).argmax(-1)
+        stack.logits(h[:, -1], vocab).argmax(-1)
 
     with torch.inference_mode(), attention_backends(stack.device):
         stack.run(stack.embed(ids[:, :T]), 0, L, cache, 0)  # the context, in every layer
-        t_draft = _median_time(lambda: step(exit_layer), lambda: _reset(cache, [T] * L), repeats, warmup, stack)
-        t_ar = _median_time(lambda: step(L), lambda: _reset(cache, [T] * L), repeats, warmup, stack)
+        def timed(num_layers: int, vocab=None) -> float:
+            return _median_time(lambda: step(num_layers, vocab), lambda: _reset(cache, [T] * L), repeats, warmup, stack)
+
+        t_draft, t_ar = timed(exit_layer, draft_vocab), timed(L)
+        t_exit = None if draft_vocab is None else timed(exit_layer)
         t_verify = {}
         for k in ks:
             # The round's state before verifying: early layers hold x0, d1..d_{k-1} (T + k positions);
@@ -125,7 +132,8 @@ def measure_step_times(model, exit_layer: int, ks, *, context_len: int = 64, rep
 
             t_verify[k] = _median_time(verify, lambda v=valid: _reset(cache, v), repeats, warmup, stack)
             _reset(cache, [T] * L)
-    return StepTimes(exit_layer=exit_layer, context_len=T, t_draft=t_draft, t_ar=t_ar, t_verify=t_verify)
+    return StepTimes(exit_layer=exit_layer, context_len=T, t_draft=t_draft, t_ar=t_ar, t_verify=t_verify,
+                     t_exit=t_exit)
 
 
 def _reset(cache, valid: list[int]) -> None:

@@ -19,12 +19,11 @@ document/summary, utterance/semantic_parse) or a ready "prompt" with a "referenc
 """
 from __future__ import annotations
 
-import gzip
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from layerskip import jsonl
 from layerskip.errors import LayerSkipError
 from layerskip.evaluation import metrics
 
@@ -101,37 +100,14 @@ def load_task(name: str, *, data_file: str | None = None, limit: int | None = No
 
 
 def read_jsonl(path: str | Path) -> list[tuple[int, dict]]:
-    """Read a JSONL file (optionally gzipped) of JSON objects; blank lines are skipped.
-
-    Returns:
-        [(line number, object), ...] in file order (line numbers for later error messages).
+    """All of a JSONL file (see `layerskip.jsonl`): [(line number, object), ...] in file order.
 
     Raises:
-        LayerSkipError: missing file, or a line that is not a JSON object (the message names the line).
+        LayerSkipError: missing file, a line that is not a JSON object (the message names the line), or no rows.
     """
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise LayerSkipError(f"{path}: no such file")
-    opener = gzip.open if path.suffix == ".gz" else open
-    rows = []
-    try:
-        with opener(path, "rt", encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise LayerSkipError(f"{path}, line {lineno}: malformed JSON ({e.msg})") from None
-                if not isinstance(row, dict):
-                    raise LayerSkipError(
-                        f"{path}, line {lineno}: expected a JSON object, got {type(row).__name__}"
-                    )
-                rows.append((lineno, row))
-    except (OSError, UnicodeDecodeError) as e:
-        raise LayerSkipError(f"{path}: cannot read ({e})") from None
+    rows = list(jsonl.iter_objects(path))
     if not rows:
-        raise LayerSkipError(f"{path}: no samples (empty file)")
+        raise LayerSkipError(f"{Path(path).expanduser()}: no samples (empty file)")
     return rows
 
 

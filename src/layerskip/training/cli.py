@@ -86,7 +86,11 @@ def config_from_args(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     from layerskip.training.trainer import train
 
+    import torch.distributed as dist
+
     result = train(config_from_args(args))
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()  # a process group left to interpreter exit can abort a worker (gloo)
     if os.environ.get("RANK", "0") != "0":  # under torchrun, only the main process prints
         return 0
     if result.eval_metrics:

@@ -16,13 +16,13 @@ samples: no padding, every position is a next-token target. A seeded shuffle pic
 from __future__ import annotations
 
 import glob
-import json
 import os
 from pathlib import Path
 from typing import Iterator
 
 import torch
 
+from layerskip import jsonl
 from layerskip.errors import LayerSkipError
 
 _PATH_SUFFIXES = (".txt", ".md", ".py", ".jsonl", ".json", ".rst", ".c", ".h", ".js", ".ts", ".java", ".go", ".rs")
@@ -154,17 +154,13 @@ def _file_documents(path: Path, text_field: str, explicit: bool) -> Iterator[str
 
 
 def _jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise LayerSkipError(f"--data {path}:{n}: not valid JSON ({e.msg})") from None
-            if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-                raise LayerSkipError(f"--data {path}:{n}: expected an object with a string field {text_field!r}")
+    try:
+        for n, record in jsonl.iter_objects(path):
+            if not isinstance(record.get(text_field), str):
+                raise LayerSkipError(f"{path}, line {n}: expected an object with a string field {text_field!r}")
             yield record[text_field]
+    except LayerSkipError as e:
+        raise LayerSkipError(f"--data {e}") from None
 
 
 def _hf_documents(spec: str, text_field: str, split: str) -> Iterator[str]:
