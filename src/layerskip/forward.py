@@ -14,6 +14,8 @@ applies the final norm and LM head to any layer's output.
 """
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -22,12 +24,15 @@ from layerskip.cache import KVCache
 from layerskip.models import check_supported
 
 
-# Few-row matmuls on CPU. Decoding multiplies 1 to ~12 rows by large weight matrices that do not stay
-# in cache. There, MKL's path for x @ W.T (a GEMV for one row, a GEMM that repacks W for a few rows)
-# streams weights at about half the memory bandwidth that a GEMM computing W @ x.T reaches (measured
-# with 2 threads, fp32: 1 row 33 ms vs 15 ms, 9 rows 56 ms vs 44 ms over 400 MB of weights; past ~12
-# rows the usual path wins). Same arithmetic, another kernel; see docs/benchmarks.md.
+# Few-row matmuls on CPU. Decoding multiplies 1 to ~12 rows by weight matrices. Which kernel is faster
+# for that depends on the CPU, the thread count and the matrices, by up to 2x either way: on one machine
+# MKL's path for x @ W.T (a GEMV for one row, a GEMM that repacks W for a few rows) streamed 400 MB of
+# weights at half the bandwidth of a GEMM computing W @ x.T (2 threads); on another (AVX2, 1 thread, a
+# 47 MB model) x @ W.T was the faster one for every row count. So `LayerStack.tune` times both on the
+# model itself, once, for one row and for a few rows. Past ~12 rows the usual path wins everywhere.
+# Same arithmetic, another kernel; see docs/benchmarks.md.
 SMALL_GEMM_MAX_ROWS = 12
+TUNE_ROWS = (1, 4)  # the row counts `tune` times: a one-token step, and a verify pass of a few tokens
 
 
 def linear(x: torch.Tensor, layer: nn.Module, small_gemm: bool) -> torch.Tensor:
@@ -70,9 +75,11 @@ class LayerStack:
 
     Args:
         model: a loaded supported transformers model (any dtype/device; weights are used in place).
+        small_gemm: route few-row matmuls through W @ x.T (see `matmul`): a bool for every row count, or
+            None: yes on CPU until `tune` has timed both kernels on this model.
     """
 
-    def __init__(self, model):
+    def __init__(self, model, small_gemm: bool | None = None):
         check_supported(model)
         cfg = model.config
         inner = model.model
@@ -91,7 +98,10 @@ class LayerStack:
         self.windows = _sliding_windows(cfg, self.num_layers)
         self.max_positions = getattr(cfg, "max_position_embeddings", None)
         self.vocab_size = cfg.vocab_size
-        self.small_gemm = self.device.type == "cpu"
+        on_cpu = self.device.type == "cpu"
+        # (one row, 2..SMALL_GEMM_MAX_ROWS rows): through W @ x.T?
+        self.small_gemm = (on_cpu, on_cpu) if small_gemm is None else (small_gemm and on_cpu,) * 2
+        self.tuned = small_gemm is not None or not on_cpu
         self._cos = self._sin = None
         self._sub = None  # (vocab ids, head weight version, head rows, bias rows) of the last draft vocabulary
 
@@ -119,17 +129,19 @@ class LayerStack:
         With `vocab` (a 1-D LongTensor of token ids), only those rows of the head: (..., len(vocab)),
         column j scoring token vocab[j]. Drafting uses it to skip most of a large head.
         """
+        g = self._route(h.numel() // h.shape[-1])
         if vocab is None:
-            return linear(self.norm(h), self.lm_head, self.small_gemm)
+            return linear(self.norm(h), self.lm_head, g)
         weight, bias = self._sub_head(vocab)
-        return matmul(self.norm(h), weight, bias, self.small_gemm)
+        return matmul(self.norm(h), weight, bias, g)
 
     def run(self, h: torch.Tensor, start: int, end: int, cache: KVCache, pos: int) -> torch.Tensor:
         """Apply layers [start, end) to h (B, T, H) whose first token is at position `pos`.
 
         Writes K/V of these layers at positions [pos, pos + T) of `cache`; returns (B, T, H).
         """
-        T = h.shape[1]
+        B, T = h.shape[:2]
+        g = self._route(B * T)
         cos = self._cos[pos:pos + T]  # (T, D)
         sin = self._sin[pos:pos + T]
         masks: dict[int | None, torch.Tensor | None] = {}
@@ -138,20 +150,49 @@ class LayerStack:
             if window not in masks:
                 masks[window] = _attention_mask(pos, T, window, h.device)
             layer = self.layers[i]
-            h = h + self._attention(i, layer.self_attn, layer.input_layernorm(h), cache, pos, cos, sin, masks[window])
-            h = h + self._mlp(layer.mlp, layer.post_attention_layernorm(h))
+            h = h + self._attention(i, layer.self_attn, layer.input_layernorm(h), cache, pos, cos, sin, masks[window], g)
+            h = h + self._mlp(layer.mlp, layer.post_attention_layernorm(h), g)
         return h
 
+    def tune(self, reps: int = 3) -> tuple[bool, bool]:
+        """Choose the few-row matmul kernel (see `matmul`) by timing both on this model, on this machine.
+
+        For one row and for `TUNE_ROWS[1]` rows, a pass through every layer and the head with each kernel,
+        alternating, `reps` times after one warm-up round; the faster minimum wins. CPU only, once per
+        stack (later calls return the choice): 4 (reps + 1) passes, about a second for a 135M model.
+        Returns `small_gemm`: (one row, a few rows) through W @ x.T?
+        """
+        if self.tuned:
+            return self.small_gemm
+        choice = []
+        with torch.no_grad():
+            for rows in TUNE_ROWS:
+                h = self.embed(torch.zeros(1, rows, dtype=torch.long, device=self.device))
+                cache = self.new_cache(rows)
+                best = {False: float("inf"), True: float("inf")}
+                for rep in range(reps + 1):
+                    for route in (False, True):
+                        self.small_gemm = (route, route)
+                        t0 = time.perf_counter()
+                        self.logits(self.run(h, 0, self.num_layers, cache, 0))
+                        if rep:  # round 0 warms up
+                            best[route] = min(best[route], time.perf_counter() - t0)
+                choice.append(best[True] < best[False])
+        self.small_gemm, self.tuned = tuple(choice), True
+        return self.small_gemm
+
     # ---- internals -----------------------------------------------------------------------
-    def _mlp(self, mlp, x):
+    def _route(self, rows: int) -> bool:
+        """Whether a matmul over `rows` rows goes through W @ x.T (`matmul` itself skips it past SMALL_GEMM_MAX_ROWS)."""
+        return self.small_gemm[0] if rows == 1 else self.small_gemm[1]
+
+    def _mlp(self, mlp, x, g):
         """The gated MLP of the Llama family: down(act(gate(x)) * up(x))."""
-        g = self.small_gemm
         return linear(mlp.act_fn(linear(x, mlp.gate_proj, g)) * linear(x, mlp.up_proj, g), mlp.down_proj, g)
 
-    def _attention(self, i, attn, x, cache, pos, cos, sin, mask):
+    def _attention(self, i, attn, x, cache, pos, cos, sin, mask, g):
         B, T, _ = x.shape
         D = self.head_dim
-        g = self.small_gemm
         q = linear(x, attn.q_proj, g).view(B, T, -1, D)  # (B, T, Hq, D)
         k = linear(x, attn.k_proj, g).view(B, T, -1, D)  # (B, T, Hkv, D)
         v = linear(x, attn.v_proj, g).view(B, T, -1, D).transpose(1, 2)  # (B, Hkv, T, D)

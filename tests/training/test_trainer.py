@@ -198,3 +198,24 @@ def test_bf16_mixed_precision_on_gpu(tiny_ckpt, tiny_data, tmp_path, capsys):
     for a, b in zip(runs["float32"], runs["bfloat16"]):
         assert b["loss"] == pytest.approx(a["loss"], rel=0.02)  # autocast: the same losses to bf16 precision
         assert b["exit_losses"] == pytest.approx(a["exit_losses"], rel=0.02)
+
+
+def test_cpu_bf16_detection_reads_the_flags():
+    from layerskip.training.trainer import cpu_has_native_bf16
+
+    assert cpu_has_native_bf16("flags\t\t: fpu sse2 avx2 fma f16c\n") is False
+    assert cpu_has_native_bf16("flags\t\t: avx2 avx512f avx512_bf16 avx512_vnni\n") is True
+    assert cpu_has_native_bf16("flags\t\t: avx2 amx_bf16 amx_tile\n") is True
+    assert cpu_has_native_bf16("flags\t\t: avx512_bf16x\n") is False  # whole flags only
+    assert isinstance(cpu_has_native_bf16(), (bool, type(None)))  # this machine: reads /proc/cpuinfo or None
+
+
+def test_bfloat16_on_a_cpu_without_it_warns(monkeypatch, capsys, tmp_path):
+    from layerskip.training import trainer
+    from layerskip.training.config import TrainConfig
+
+    monkeypatch.setattr(trainer, "_has_accelerator", lambda: False)
+    for native, expected in ((False, 1), (True, 0), (None, 0)):
+        monkeypatch.setattr(trainer, "cpu_has_native_bf16", lambda native=native: native)
+        trainer.training_arguments(TrainConfig(dtype="bfloat16", output_dir=str(tmp_path), report_to="none"))
+        assert capsys.readouterr().err.count("no bfloat16 arithmetic") == expected

@@ -22,10 +22,11 @@ _stacks: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def layer_stack(model) -> LayerStack:
-    """The (cached) LayerStack of a model."""
+    """The (cached) LayerStack of a model, its matmul kernels tuned for this machine (`LayerStack.tune`)."""
     stack = _stacks.get(model)
     if stack is None or stack.device != model.model.embed_tokens.weight.device or stack.dtype != model.dtype:
         stack = _stacks[model] = LayerStack(model)
+        stack.tune()
     return stack
 
 

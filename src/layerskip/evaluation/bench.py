@@ -363,6 +363,8 @@ def machine_info(model) -> dict:
     }
     if hasattr(os, "getloadavg"):  # other work on the machine skews absolute numbers (ratios less so)
         info["load_average_1min"] = round(os.getloadavg()[0], 2)
+    if model.device.type == "cpu":  # the few-row matmul kernels LayerStack.tune chose: (one row, a few rows)
+        info["small_gemm"] = list(layer_stack(model).tune())
     if model.device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(model.device)
     return info

@@ -18,6 +18,7 @@ import json
 import os
 import re
 import shutil
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -252,9 +253,25 @@ def _all_finite(trainer: LayerSkipTrainer) -> bool:
     return bool(flag.item())
 
 
+def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool | None:
+    """Whether the CPU computes in bfloat16 natively (AVX512-BF16 or AMX), from /proc/cpuinfo's flags;
+    None where that file is missing (not Linux)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return None
+    flags = set(re.findall(r"\b(avx512_bf16|amx_bf16)\b", cpuinfo))
+    return bool(flags)
+
+
 def training_arguments(c: TrainConfig, lm_config=None) -> TrainingArguments:
     if c.dtype == "float16" and not torch.cuda.is_available():
         raise LayerSkipError("--dtype float16 needs a GPU; use bfloat16 or float32 on the CPU")
+    if c.dtype == "bfloat16" and not _has_accelerator() and cpu_has_native_bf16() is False:
+        # measured: 122 s a step against 8.7 s in float32 (11.8M-parameter Llama, AVX2 CPU, 2 threads)
+        print("warning: this CPU has no bfloat16 arithmetic (no AVX512-BF16 or AMX): --dtype bfloat16 runs "
+              "about 10x slower than float32 here; use --dtype float32", file=sys.stderr)
     fsdp = {}
     if c.fsdp and not _has_accelerator():
         # accelerate runs FSDP on accelerator processes only; on the CPU it would silently fall back to DDP
