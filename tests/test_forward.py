@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from layerskip.errors import LayerSkipError
-from layerskip.forward import LayerStack
+from layerskip.forward import TUNE_ROWS, LayerStack
 from layerskip.models import make_random_model
 
 
@@ -16,7 +16,7 @@ def test_logits_match_transformers_in_chunks(tiny_models, name, small_gemm):
     L = model.config.num_hidden_layers
     ids = torch.randint(0, model.config.vocab_size, (1, 18), generator=torch.Generator().manual_seed(0))
     stack = LayerStack(model, small_gemm=small_gemm)
-    assert stack.small_gemm == (small_gemm, small_gemm) and stack.tune() == stack.small_gemm  # fixed: no tuning
+    assert stack.small_gemm == (small_gemm,) * len(TUNE_ROWS) and stack.tune() == stack.small_gemm  # fixed: no tuning
     cache = stack.new_cache(32)
     with torch.no_grad():
         ref = model(ids).logits[0]
@@ -82,10 +82,10 @@ def test_cached_stack_does_not_keep_the_model_alive():
 def test_tune_picks_a_kernel_per_row_count_once(tiny_llama):
     """`tune` times both kernels and keeps its choice; a tuned stack still matches transformers."""
     stack = LayerStack(tiny_llama)
-    assert stack.small_gemm == (True, True) and not stack.tuned  # on CPU, W @ x.T until tuned
+    assert stack.small_gemm == (True,) * len(TUNE_ROWS) and not stack.tuned  # on CPU, W @ x.T until tuned
     choice = stack.tune(reps=1)
     assert stack.tuned and choice == stack.small_gemm and all(isinstance(c, bool) for c in choice)
-    stack.small_gemm = (not choice[0], choice[1])
+    stack.small_gemm = (not choice[0], *choice[1:])
     assert stack.tune() == stack.small_gemm  # not re-timed
     ids = torch.randint(0, tiny_llama.config.vocab_size, (1, 7), generator=torch.Generator().manual_seed(3))
     L = tiny_llama.config.num_hidden_layers
@@ -95,3 +95,10 @@ def test_tune_picks_a_kernel_per_row_count_once(tiny_llama):
         a = stack.logits(stack.run(stack.embed(ids[:, :3]), 0, L, cache, 0))
         b = [stack.logits(stack.run(stack.embed(ids[:, t:t + 1]), 0, L, cache, t)) for t in range(3, 7)]
     torch.testing.assert_close(torch.cat([a, *b], 1)[0], ref, atol=2e-5, rtol=1e-4)
+
+
+def test_each_row_count_uses_its_buckets_kernel(tiny_llama):
+    stack = LayerStack(tiny_llama, small_gemm=False)
+    stack.small_gemm = (True, False, True, False)  # buckets starting at TUNE_ROWS = (1, 2, 4, 8)
+    assert TUNE_ROWS == (1, 2, 4, 8)
+    assert [stack._route(r) for r in range(1, 13)] == [True, False, False, True, True, True, True] + [False] * 5

@@ -28,11 +28,14 @@ from layerskip.models import check_supported
 # for that depends on the CPU, the thread count and the matrices, by up to 2x either way: on one machine
 # MKL's path for x @ W.T (a GEMV for one row, a GEMM that repacks W for a few rows) streamed 400 MB of
 # weights at half the bandwidth of a GEMM computing W @ x.T (2 threads); on another (AVX2, 1 thread, a
-# 47 MB model) x @ W.T was the faster one for every row count. So `LayerStack.tune` times both on the
-# model itself, once, for one row and for a few rows. Past ~12 rows the usual path wins everywhere.
-# Same arithmetic, another kernel; see docs/benchmarks.md.
+# 47 MB model) x @ W.T was the faster one for every row count; on a third (AMD Zen 4, MKL, the built-in model,
+# whose 47 MB of fp32 weights stream from memory each step) W @ x.T wins up to ~4 rows and x @ W.T from ~5.
+# So `LayerStack.tune` times both on the model itself, once, for each bucket of row counts. Past ~12 rows
+# the usual path wins everywhere. Same arithmetic, another kernel; see docs/benchmarks.md.
 SMALL_GEMM_MAX_ROWS = 12
-TUNE_ROWS = (1, 4)  # the row counts `tune` times: a one-token step, and a verify pass of a few tokens
+# The row counts `tune` times: a one-token step, and verify passes of a few tokens. Row count r uses the
+# choice made for the largest of these <= r.
+TUNE_ROWS = (1, 2, 4, 8)
 
 
 def linear(x: torch.Tensor, layer: nn.Module, small_gemm: bool) -> torch.Tensor:
@@ -76,7 +79,8 @@ class LayerStack:
     Args:
         model: a loaded supported transformers model (any dtype/device; weights are used in place).
         small_gemm: route few-row matmuls through W @ x.T (see `matmul`): a bool for every row count, or
-            None: yes on CPU until `tune` has timed both kernels on this model.
+            None: yes on CPU until `tune` has timed both kernels on this model. The choice is kept as one
+            bool per entry of TUNE_ROWS.
     """
 
     def __init__(self, model, small_gemm: bool | None = None):
@@ -99,8 +103,8 @@ class LayerStack:
         self.max_positions = getattr(cfg, "max_position_embeddings", None)
         self.vocab_size = cfg.vocab_size
         on_cpu = self.device.type == "cpu"
-        # (one row, 2..SMALL_GEMM_MAX_ROWS rows): through W @ x.T?
-        self.small_gemm = (on_cpu, on_cpu) if small_gemm is None else (small_gemm and on_cpu,) * 2
+        # for each bucket of row counts starting at TUNE_ROWS[i]: through W @ x.T?
+        self.small_gemm = (on_cpu if small_gemm is None else small_gemm and on_cpu,) * len(TUNE_ROWS)
         self.tuned = small_gemm is not None or not on_cpu
         self._cos = self._sin = None
         self._sub = None  # (vocab ids, head weight version, head rows, bias rows) of the last draft vocabulary
@@ -157,10 +161,10 @@ class LayerStack:
     def tune(self, reps: int = 3) -> tuple[bool, bool]:
         """Choose the few-row matmul kernel (see `matmul`) by timing both on this model, on this machine.
 
-        For one row and for `TUNE_ROWS[1]` rows, a pass through every layer and the head with each kernel,
+        For each row count in TUNE_ROWS, a pass through every layer and the head with each kernel,
         alternating, `reps` times after one warm-up round; the faster minimum wins. CPU only, once per
-        stack (later calls return the choice): 4 (reps + 1) passes, about a second for a 135M model.
-        Returns `small_gemm`: (one row, a few rows) through W @ x.T?
+        stack (later calls return the choice): 8 (reps + 1) passes, about two seconds for a 135M model.
+        Returns `small_gemm`: for each bucket of row counts (TUNE_ROWS), through W @ x.T?
         """
         if self.tuned:
             return self.small_gemm
@@ -172,7 +176,7 @@ class LayerStack:
                 best = {False: float("inf"), True: float("inf")}
                 for rep in range(reps + 1):
                     for route in (False, True):
-                        self.small_gemm = (route, route)
+                        self.small_gemm = (route,) * len(TUNE_ROWS)
                         t0 = time.perf_counter()
                         self.logits(self.run(h, 0, self.num_layers, cache, 0))
                         if rep:  # round 0 warms up
@@ -184,7 +188,11 @@ class LayerStack:
     # ---- internals -----------------------------------------------------------------------
     def _route(self, rows: int) -> bool:
         """Whether a matmul over `rows` rows goes through W @ x.T (`matmul` itself skips it past SMALL_GEMM_MAX_ROWS)."""
-        return self.small_gemm[0] if rows == 1 else self.small_gemm[1]
+        choice = self.small_gemm[0]
+        for bucket, route in zip(TUNE_ROWS, self.small_gemm):
+            if rows >= bucket:
+                choice = route
+        return choice
 
     def _mlp(self, mlp, x, g):
         """The gated MLP of the Llama family: down(act(gate(x)) * up(x))."""

@@ -68,6 +68,26 @@ def test_sweep_cli(capsys, model_dir, prompts, tmp_path):
     assert code == 0 and "resumed: 4 (E, d) pairs" in out
 
 
+def test_sweep_replay_cli_agrees_with_the_timed_sweep(capsys, model_dir, prompts, tmp_path):
+    common = ["--model", model_dir, "--task", f"jsonl:{prompts}", "--exit-layers", "1:2", "--num-speculations",
+              "2,4", "--max-new-tokens", "6", "--confidence-threshold", "0"]
+    code, out, err = run(capsys, "sweep", *common, "--out", str(tmp_path / "sw"))
+    assert code == 0, err
+    code, out, err = run(capsys, "sweep", *common, "--replay", "0,0.4", "--out", str(tmp_path / "re"))
+    assert code == 0, err
+    assert "best (predicted): exit_layer=" in out and "flat verify pass at most" in out
+    timed = {(r["exit_layer"], r["num_speculations"]): r for r in csv.DictReader(open(tmp_path / "sw" / "sweep.csv"))}
+    replayed = list(csv.DictReader(open(tmp_path / "re" / "replay.csv")))
+    assert len(replayed) == 8  # 2 E x 2 d x 2 thresholds
+    for r in replayed:
+        if float(r["confidence_threshold"]) == 0:  # the same rounds as the real decodes
+            t = timed[(r["exit_layer"], r["num_speculations"])]
+            assert float(r["tokens_per_round"]) == pytest.approx(float(t["tokens_per_round"]))
+            assert float(r["acceptance_rate"]) == pytest.approx(float(t["acceptance_rate"]))
+        if r["exit_layer"] == "2" and r["acceptance_rate"]:  # layers >= 2 are identities: every draft is right
+            assert float(r["acceptance_rate"]) == 1.0
+
+
 def test_analyze_cli_with_compare(capsys, model_dir, other_dir, prompts, tmp_path):
     code, out, err = run(capsys, "analyze", "--model", model_dir, "--compare", other_dir, "--task",
                          f"jsonl:{prompts}", "--out", str(tmp_path / "an"))
@@ -101,6 +121,10 @@ def errors(write_jsonl, tmp_path, model_dir):
         (["sweep", "--model", model_dir, "--task", "humaneval", "--limit", "1", "--exit-layers", "1,5",
           "--num-speculations", "2", "--out", str(tmp_path / "o")], "--exit-layers [5]"),
         (["analyze", "--data", str(empty), "--out", str(tmp_path / "a")], "no samples"),
+        (["sweep", "--exit-layers", "1", "--num-speculations", "2", "--replay", "x", "--out", str(tmp_path)],
+         "--replay 'x': expected numbers"),
+        (["sweep", "--exit-layers", "1", "--num-speculations", "2", "--replay", "0,1.5", "--out", str(tmp_path)],
+         "each threshold must be in"),
         (["analyze", "--task", "xsum", "--out", str(tmp_path / "a")], "--data-file"),
     ]
 

@@ -65,6 +65,7 @@ def test_bad_recipes_are_rejected(tmp_path, text, message):
     (dict(layer_dropout_max=-0.1), r"\[0, 1\)"),
     (dict(early_exit_scale=2.0), "early-exit-scale"),
     (dict(curriculum="random"), "curriculum"),
+    (dict(early_exit_targets="soft"), "early-exit-targets"),
     (dict(layer_dropout_schedule="cosine"), "layer-dropout-schedule"),
     (dict(layer_dropout_depth="cubic"), "layer-dropout-depth"),
     (dict(rotation=0), "rotation"),

@@ -133,3 +133,60 @@ def test_double_precision_gradcheck():
         return early_exit_loss({1: h, 3: g}, labels, torch.nn.Identity(), head, {1: 0.3, 3: 0.7}, chunk_tokens=2)[0]
 
     assert torch.autograd.gradcheck(fn, (head, h, g))
+
+
+def _reference_self_distillation(model, ids, weights):
+    """Slow and obvious: exits before the last against the last layer's argmax, the last against the data."""
+    out = model(ids, output_hidden_states=True)
+    L = model.config.num_hidden_layers
+    greedy = out.logits[:, :-1].argmax(-1).reshape(-1)  # the last layer's own next-token choice
+    total, losses = 0.0, {}
+    for l, w in weights.items():
+        logits = out.logits if l == L - 1 else model.lm_head(model.model.norm(out.hidden_states[l + 1]))
+        targets = ids[:, 1:].reshape(-1) if l == L - 1 or w == 0 else greedy
+        losses[l] = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets)
+        total = total + w * losses[l]
+    return total, losses
+
+
+@pytest.mark.parametrize("arch", ["llama-tied", "qwen3"])
+def test_self_distillation_equals_the_hand_computation(tiny_models, arch):
+    model = tiny_models[arch]
+    L = model.config.num_hidden_layers
+    ids = torch.randint(0, model.config.vocab_size, (3, 12), generator=torch.Generator().manual_seed(2))
+    wrapped = LayerSkipModel(model, LayerDropout(L, 0.0), Curriculum("none", L), early_exit_scale=1.0,
+                             exit_targets="final").train()
+    weights = exit_weights(L, list(range(L)), 1.0)  # exit 0 has weight 0: reported against the data
+    out = wrapped(ids, step=0)
+    ref, ref_losses = _reference_self_distillation(model, ids, weights)
+    torch.testing.assert_close(out.loss, ref)
+    for l in range(L):
+        torch.testing.assert_close(out.exit_losses[l], ref_losses[l])
+    params = list(model.parameters())
+    for g, w in zip(torch.autograd.grad(out.loss, params), torch.autograd.grad(ref, params)):
+        torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-4)
+    # it differs from the paper's loss (the targets really changed), and evaluation scores against the data
+    paper, _ = _reference_loss(model, ids, weights)
+    assert not torch.allclose(out.loss, paper)
+    with torch.no_grad():
+        evaluated = wrapped.eval()(ids)
+    torch.testing.assert_close(evaluated.exit_losses[0], _reference_loss(model, ids, {0: 1.0})[1][0])
+
+
+def test_self_distillation_keeps_ignored_positions_out():
+    torch.manual_seed(0)
+    V, H = 23, 6
+    head = torch.randn(V, H, requires_grad=True)
+    hidden = {1: torch.randn(2, 8, H, requires_grad=True), 3: torch.randn(2, 8, H, requires_grad=True)}
+    labels = torch.randint(0, V, (2, 8))
+    labels[1, 2:5] = -100
+    weights = {1: 0.4, 3: 0.6}
+    loss, _ = early_exit_loss(hidden, labels, torch.nn.Identity(), head, weights, chunk_tokens=3,
+                              exit_targets="final")
+    y = labels[:, 1:].reshape(-1)
+    greedy = (hidden[3][:, :-1].reshape(-1, H) @ head.t()).argmax(-1).masked_fill(y == -100, -100)
+    ref = (0.4 * F.cross_entropy(hidden[1][:, :-1].reshape(-1, H) @ head.t(), greedy, ignore_index=-100)
+           + 0.6 * F.cross_entropy(hidden[3][:, :-1].reshape(-1, H) @ head.t(), y, ignore_index=-100))
+    torch.testing.assert_close(loss, ref)
+    with pytest.raises(ValueError, match="exit_targets"):
+        early_exit_loss(hidden, labels, torch.nn.Identity(), head, weights, exit_targets="soft")

@@ -142,9 +142,9 @@ def run_bench(model, tokenizer, task: Task, *, strategies=OURS, exit_layer: int 
         strategies += [s for s in TRANSFORMERS if s not in strategies]
     E = resolve_exit_layer(model, exit_layer)
     d = resolve_num_speculations(model, num_speculations)
-    eos = _eos_ids(model, tokenizer)
+    eos = eos_ids(model, tokenizer)
     drafting = dict(confidence_threshold=confidence_threshold, draft_vocab=draft_vocab)
-    prompts = [_encode(tokenizer, s, model, max_new_tokens) for s in task.samples]
+    prompts = [encode_prompt(tokenizer, s, model, max_new_tokens) for s in task.samples]
 
     def call(strategy: str, i: int, n: int) -> _Run:
         return _generate(model, tokenizer, strategy, prompts[i], task.samples[i], E, d, n, eos, drafting)
@@ -274,7 +274,7 @@ def _quiet_transformers():
         hf_logging.set_verbosity(level)
 
 
-def _encode(tokenizer, sample: Sample, model, max_new_tokens: int) -> list[int]:
+def encode_prompt(tokenizer, sample: Sample, model, max_new_tokens: int) -> list[int]:
     """Prompt ids; a prompt too long for the model keeps its last tokens (the "Summary:" end)."""
     ids = tokenizer(sample.prompt).input_ids
     if not ids:
@@ -289,7 +289,7 @@ def _encode(tokenizer, sample: Sample, model, max_new_tokens: int) -> list[int]:
     return ids
 
 
-def _eos_ids(model, tokenizer) -> list[int]:
+def eos_ids(model, tokenizer) -> list[int]:
     """The stop ids both we and transformers use: the generation config's, else the tokenizer's."""
     eos = getattr(model.generation_config, "eos_token_id", None)
     if eos is None:

@@ -44,6 +44,11 @@ def add_parser(subparsers) -> None:
     add_drafting_args(sweep)
     sweep.add_argument("--max-new-tokens", type=int, default=64, help="new tokens per prompt at most (default 64)")
     sweep.add_argument("--out", required=True, metavar="DIR", help="directory for sweep.csv, sweep.png, sweep.json")
+    sweep.add_argument("--replay", nargs="?", const="", metavar="C,...",
+                       help="predict instead of timing every cell: one greedy decode per prompt, replayed through "
+                            "the rounds each (E, d) would make (exact acceptance), costed with step times measured "
+                            "here; optional confidence thresholds to replay (default: --confidence-threshold). "
+                            "Writes replay.csv")
     sweep.set_defaults(func=cmd_sweep)
 
     analyze = subparsers.add_parser(
@@ -138,6 +143,8 @@ def cmd_sweep(args) -> int:
     _positive(args.max_new_tokens, "--max-new-tokens")
     _check_drafting(args)
     task = load_task(args.task, data_file=args.data_file, limit=args.limit)
+    if args.replay is not None:
+        return _replay(args, task, exit_layers, specs)
     model, tokenizer = _load_model(args)
     result = run_sweep(model, tokenizer, task, exit_layers, specs, args.out, max_new_tokens=args.max_new_tokens,
                        model_name=args.model or "default", confidence_threshold=args.confidence_threshold,
@@ -155,6 +162,48 @@ def cmd_sweep(args) -> int:
               f"speedup={best['speedup']:.2f}x acceptance={_f(best['acceptance_rate'], '.2f')}")
     print(f"wrote {result.csv_path}, {result.png_path}, {result.json_path}")
     return 0
+
+
+def _replay(args, task, exit_layers, specs) -> int:
+    from pathlib import Path
+
+    from layerskip.decoding.api import resolve_confidence_threshold
+    from layerskip.evaluation import io
+    from layerskip.evaluation.replay import FIELDS, replay_grid
+
+    thresholds = _float_list(args.replay, "--replay") if args.replay else None
+    model, tokenizer = _load_model(args)
+    L = model.config.num_hidden_layers
+    bad = [e for e in exit_layers if not 1 <= e < L]
+    if bad:
+        raise LayerSkipError(f"--exit-layers {bad}: each must be in [1, {L - 1}] for this {L}-layer model")
+    thresholds = thresholds or [resolve_confidence_threshold(model, args.confidence_threshold)]
+    rows = replay_grid(model, tokenizer, task, exit_layers, specs, thresholds, max_new_tokens=args.max_new_tokens,
+                       draft_vocab=args.draft_vocab)
+    if not rows:
+        raise LayerSkipError("no prompt produced any token to replay")
+    path = Path(args.out) / "replay.csv"
+    io.write_csv(path, rows, FIELDS)
+    cols = ["E", "d", "C", "predicted", "flat verify", "accept", "tok/round"]
+    print(_table(cols, [[str(r["exit_layer"]), str(r["num_speculations"]), f"{r['confidence_threshold']:g}",
+                         _f(r["predicted_speedup"], ".2f", "x"), _f(r["flat_verify_speedup"], ".2f", "x"),
+                         _f(r["acceptance_rate"], ".2f"), _f(r["tokens_per_round"], ".2f")] for r in rows]))
+    best = max(rows, key=lambda r: r["predicted_speedup"])
+    print(f"best (predicted): exit_layer={best['exit_layer']} num_speculations={best['num_speculations']} "
+          f"confidence_threshold={best['confidence_threshold']:g} speedup={best['predicted_speedup']:.2f}x; "
+          f"with a flat verify pass at most {max(r['flat_verify_speedup'] for r in rows):.2f}x")
+    print(f"wrote {path}")
+    return 0
+
+
+def _float_list(text: str, flag: str) -> list[float]:
+    try:
+        values = sorted({float(v) for v in text.split(",") if v.strip()})
+    except ValueError:
+        raise LayerSkipError(f"{flag} {text!r}: expected numbers like 0,0.3,0.5") from None
+    if not values or any(not 0 <= v < 1 for v in values):
+        raise LayerSkipError(f"{flag} {text!r}: each threshold must be in [0, 1)")
+    return values
 
 
 def cmd_analyze(args) -> int:

@@ -16,6 +16,7 @@ from typing import Any
 
 from layerskip.errors import LayerSkipError
 from layerskip.training.curriculum import CURRICULA
+from layerskip.training.early_exit_loss import EXIT_TARGETS
 from layerskip.training.layer_dropout import DEPTH_SCALES, TIME_SCALES
 
 PRESETS = ("continual_pretraining", "pretraining_from_scratch", "code_finetuning", "topv2_finetuning")
@@ -55,6 +56,7 @@ class TrainConfig:
     layer_dropout_depth: str = "exponential"  # D(l)
     layer_dropout_schedule: str = "constant"  # S(t)
     early_exit_scale: float = 0.2  # e_scale
+    early_exit_targets: str = "labels"  # what exits before the last learn: "labels" (the data) or "final"
     curriculum: str = "rotational"
     rotation: int = 8  # R
     # bookkeeping
@@ -159,6 +161,8 @@ def validate(c: TrainConfig) -> None:
          f"--layer-dropout-depth must be one of {', '.join(DEPTH_SCALES)}, got {c.layer_dropout_depth!r}"),
         (c.layer_dropout_schedule not in TIME_SCALES,
          f"--layer-dropout-schedule must be one of {', '.join(TIME_SCALES)}, got {c.layer_dropout_schedule!r}"),
+        (c.early_exit_targets not in EXIT_TARGETS,
+         f"--early-exit-targets must be one of {', '.join(EXIT_TARGETS)}, got {c.early_exit_targets!r}"),
         (c.curriculum not in CURRICULA, f"--curriculum must be one of {', '.join(CURRICULA)}, got {c.curriculum!r}"),
         (c.rotation < 1, f"--rotation must be >= 1, got {c.rotation}"),
         (c.max_steps < 1, f"--max-steps must be >= 1, got {c.max_steps}"),

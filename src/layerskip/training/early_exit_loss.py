@@ -6,7 +6,12 @@ Terminology:
   e(l)       the exit's scale:  e(l) = e_scale * sum_{i=0..l} i               for l < L-1,
                                 e(L-1) = (L-1) + e_scale * sum_{i=0..L-2} i.
   w(t, l)    the exit's weight: C(t, l) e(l) / sum_i C(t, i) e(i), normalised over the active exits.
-  J          sum_l w(t, l) * CE(head(norm(h_l)), y).
+  J          sum_l w(t, l) * CE(head(norm(h_l)), y_l).
+  y_l        exit l's targets: the next tokens of the data (the paper's loss, `exit_targets="labels"`), or, with
+             `exit_targets="final"`, for l < L-1 the last layer's own greedy prediction argmax head(norm(h_{L-1}))
+             (self-distillation; no gradient flows through it). The last layer always learns the data.
+             Self-speculative decoding accepts a draft exactly when exit E's argmax equals the last layer's, so
+             "final" trains the early exits on the quantity that decides acceptance.
 
 The true final output h_{L-1} is always in the loss (torchtune's recipe feeds h_{L-2} as "the last layer").
 
@@ -21,6 +26,7 @@ import torch
 from torch import nn
 
 IGNORE_INDEX = -100
+EXIT_TARGETS = ("labels", "final")
 _CHUNK_ELEMENTS = 2**22  # logits per chunk: 16 MiB in fp32
 
 
@@ -54,8 +60,9 @@ def early_exit_loss(
     head_weight: torch.Tensor,
     weights: dict[int, float],
     chunk_tokens: int | None = None,
+    exit_targets: str = "labels",
 ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-    """J = sum_l w_l CE(head(norm(h_l)), y), next-token targets (position i predicts labels[i + 1]).
+    """J = sum_l w_l CE(head(norm(h_l)), y_l), next-token targets (position i predicts labels[i + 1]).
 
     Args:
         hidden: {l: (B, T, H) output of layer l} for every exit in `weights`.
@@ -64,18 +71,39 @@ def early_exit_loss(
         head_weight: (V, H) the LM head's weight (no bias in the Llama family).
         weights: {l: w(t, l)}.
         chunk_tokens: tokens per logits chunk; default: 2^22 / V.
+        exit_targets: "labels" (the data, for every exit) or "final" (exits before the last learn the last
+            layer's argmax; see the module docstring).
     Returns:
-        (J, {l: CE of exit l, detached}).
+        (J, {l: CE of exit l against its targets, detached}).
     """
+    if exit_targets not in EXIT_TARGETS:
+        raise ValueError(f"exit_targets must be one of {', '.join(EXIT_TARGETS)}, got {exit_targets!r}")
     layers = sorted(weights)
     targets = labels[:, 1:].reshape(-1)  # (N,) with N = B * (T - 1)
-    xs = [norm(hidden[l][:, :-1]).reshape(targets.shape[0], -1) for l in layers]  # each (N, H)
+    xs = {l: norm(hidden[l][:, :-1]).reshape(targets.shape[0], -1) for l in layers}  # each (N, H)
     chunk = chunk_tokens or max(1, _CHUNK_ELEMENTS // head_weight.shape[0])
-    need_grad = torch.is_grad_enabled() and (head_weight.requires_grad or any(x.requires_grad for x in xs))
-    loss, per_exit = SharedHeadCrossEntropy.apply(
-        head_weight, targets, tuple(weights[l] for l in layers), chunk, need_grad, *xs
-    )
-    return loss, {l: per_exit[i] for i, l in enumerate(layers)}
+    need_grad = torch.is_grad_enabled() and (head_weight.requires_grad or any(x.requires_grad for x in xs.values()))
+    last = max(layers)
+    groups = [(layers, targets)]  # (exits, their targets (N,))
+    early = [l for l in layers if l != last and weights[l] != 0.0]
+    if exit_targets == "final" and early:
+        predicted = greedy_targets(xs[last], head_weight, chunk)  # (N,)
+        predicted = predicted.masked_fill(targets == IGNORE_INDEX, IGNORE_INDEX)
+        groups = [(early, predicted), ([l for l in layers if l not in early], targets)]
+    loss, per_exit = 0.0, {}
+    for group, y in groups:
+        part, losses = SharedHeadCrossEntropy.apply(
+            head_weight, y, tuple(weights[l] for l in group), chunk, need_grad, *(xs[l] for l in group)
+        )
+        loss = loss + part
+        per_exit.update({l: losses[i] for i, l in enumerate(group)})
+    return loss, {l: per_exit[l] for l in layers}
+
+
+@torch.no_grad()
+def greedy_targets(x: torch.Tensor, head_weight: torch.Tensor, chunk: int) -> torch.Tensor:
+    """argmax_v (x W^T)_v for x (N, H) normed hidden states, in chunks of `chunk` rows: (N,) token ids."""
+    return torch.cat([(x[s : s + chunk] @ head_weight.t()).argmax(-1) for s in range(0, x.shape[0], chunk)])
 
 
 class SharedHeadCrossEntropy(torch.autograd.Function):

@@ -8,7 +8,8 @@ touched: early exits are read off the hidden states between layers.
 
 Forward at train time (t = the optimizer step, given by the trainer):
   h = embed(x); for l in 0..L-1: h = layer_l(h) on the rows kept by layer dropout; keep h_l if exit l is active
-  J = sum over active exits of w(t, l) * CE(head(norm(h_l)), next token)
+  J = sum over active exits of w(t, l) * CE(head(norm(h_l)), next token, or the last layer's argmax with
+      exit_targets="final")
 At eval time: no dropout; the loss is the last layer's CE, and every exit's CE is reported.
 """
 from __future__ import annotations
@@ -49,6 +50,8 @@ class LayerSkipModel(nn.Module):
         curriculum: C(t, l).
         early_exit_scale: e_scale in [0, 1].
         rank: this process's data-parallel rank (seeds its masks; each rank drops its own samples).
+        exit_targets: what exits before the last learn while training: "labels" (the data) or "final" (the
+            last layer's greedy prediction); see early_exit_loss. Evaluation always scores against the data.
     """
 
     def __init__(
@@ -59,6 +62,7 @@ class LayerSkipModel(nn.Module):
         early_exit_scale: float,
         rank: int = 0,
         chunk_tokens: int | None = None,
+        exit_targets: str = "labels",
     ):
         super().__init__()
         self.model = causal_lm.model
@@ -72,6 +76,7 @@ class LayerSkipModel(nn.Module):
         self.early_exit_scale = early_exit_scale
         self.rank = rank
         self.chunk_tokens = chunk_tokens
+        self.exit_targets = exit_targets
         self.num_layers = len(self.model.layers)
         if getattr(self.lm_head, "bias", None) is not None:
             raise ValueError("LM heads with a bias are not supported")
@@ -101,7 +106,8 @@ class LayerSkipModel(nn.Module):
             weights[self.num_layers - 1] = 1.0
         hidden = self.hidden_states(input_ids, keep, exits=set(weights))
         loss, losses = early_exit_loss(
-            hidden, labels, self.model.norm, self.lm_head.weight, weights, self.chunk_tokens
+            hidden, labels, self.model.norm, self.lm_head.weight, weights, self.chunk_tokens,
+            self.exit_targets if self.training else "labels",
         )
         return StepOutput(loss, losses, weights, keep)
 

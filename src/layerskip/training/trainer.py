@@ -191,6 +191,7 @@ def train(config: TrainConfig) -> TrainResult:
         Curriculum(config.curriculum, num_layers, config.rotation, config.max_steps),
         config.early_exit_scale,
         rank=args.process_index,
+        exit_targets=config.early_exit_targets,
     ).train()
     stats, log = StepStats(), TrainingLog(out)
     logger = StepLogger(stats, model.schedule, log)
