@@ -77,6 +77,7 @@ def test_sweep_replay_cli_agrees_with_the_timed_sweep(capsys, model_dir, prompts
     assert code == 0, err
     assert "best (predicted): exit_layer=" in out and "flat verify pass at most" in out
     timed = {(r["exit_layer"], r["num_speculations"]): r for r in csv.DictReader(open(tmp_path / "sw" / "sweep.csv"))}
+    assert (tmp_path / "re" / "replay.png").exists()
     replayed = list(csv.DictReader(open(tmp_path / "re" / "replay.csv")))
     assert len(replayed) == 8  # 2 E x 2 d x 2 thresholds
     for r in replayed:

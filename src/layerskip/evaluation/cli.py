@@ -48,7 +48,7 @@ def add_parser(subparsers) -> None:
                        help="predict instead of timing every cell: one greedy decode per prompt, replayed through "
                             "the rounds each (E, d) would make (exact acceptance), costed with step times measured "
                             "here; optional confidence thresholds to replay (default: --confidence-threshold). "
-                            "Writes replay.csv")
+                            "Writes replay.csv and replay.png")
     sweep.set_defaults(func=cmd_sweep)
 
     analyze = subparsers.add_parser(
@@ -168,7 +168,7 @@ def _replay(args, task, exit_layers, specs) -> int:
     from pathlib import Path
 
     from layerskip.decoding.api import resolve_confidence_threshold
-    from layerskip.evaluation import io
+    from layerskip.evaluation import io, plots
     from layerskip.evaluation.replay import FIELDS, replay_grid
 
     thresholds = _float_list(args.replay, "--replay") if args.replay else None
@@ -184,6 +184,16 @@ def _replay(args, task, exit_layers, specs) -> int:
         raise LayerSkipError("no prompt produced any token to replay")
     path = Path(args.out) / "replay.csv"
     io.write_csv(path, rows, FIELDS)
+    best_cells = {}
+    for r in rows:  # the heatmap shows each (E, d) at its best threshold
+        key = (r["exit_layer"], r["num_speculations"])
+        if key not in best_cells or r["predicted_speedup"] > best_cells[key]["speedup"]:
+            best_cells[key] = {"exit_layer": key[0], "num_speculations": key[1], "speedup": r["predicted_speedup"]}
+    png = plots.plot_sweep_heatmap(
+        list(best_cells.values()), Path(args.out) / "replay.png",
+        heading="Predicted self-speculative speedup (replay)",
+        title=f"{args.model or 'default'} · {task.name} · {len(task.samples)} prompts · {args.max_new_tokens} tokens"
+              f" · best of confidence thresholds {', '.join(f'{c:g}' for c in thresholds)}")
     cols = ["E", "d", "C", "predicted", "flat verify", "accept", "tok/round"]
     print(_table(cols, [[str(r["exit_layer"]), str(r["num_speculations"]), f"{r['confidence_threshold']:g}",
                          _f(r["predicted_speedup"], ".2f", "x"), _f(r["flat_verify_speedup"], ".2f", "x"),
@@ -192,7 +202,7 @@ def _replay(args, task, exit_layers, specs) -> int:
     print(f"best (predicted): exit_layer={best['exit_layer']} num_speculations={best['num_speculations']} "
           f"confidence_threshold={best['confidence_threshold']:g} speedup={best['predicted_speedup']:.2f}x; "
           f"with a flat verify pass at most {max(r['flat_verify_speedup'] for r in rows):.2f}x")
-    print(f"wrote {path}")
+    print(f"wrote {path}, {png}")
     return 0
 
 

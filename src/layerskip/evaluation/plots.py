@@ -98,12 +98,14 @@ def plot_training_log(log_path: str | Path, path: str | Path, *, title: str = ""
     return _finish(plt, fig, path, title)
 
 
-def plot_sweep_heatmap(rows: list[dict], path: str | Path, *, title: str = "") -> Path:
-    """Measured speedup over autoregressive for each (exit layer E, speculations d) cell.
+def plot_sweep_heatmap(rows: list[dict], path: str | Path, *, title: str = "",
+                       heading: str = "Self-speculative speedup") -> Path:
+    """Measured (or, for a replay, predicted) speedup over autoregressive for each (exit layer E, speculations d).
 
     Args:
         rows: sweep rows with "exit_layer", "num_speculations", "speedup" (missing cells stay blank).
         path: the PNG to write.
+        heading: the title's first line.
     The best cell is outlined; each cell is annotated with its speedup.
     """
     import numpy as np
@@ -136,7 +138,7 @@ def plot_sweep_heatmap(rows: list[dict], path: str | Path, *, title: str = "") -
         i, j = np.unravel_index(np.nanargmax(grid), grid.shape)
         ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="black", linewidth=2))
     width_chars = int(fig.get_figwidth() * 11)  # about 11 characters per inch at this font size
-    ax.set_title("\n".join(["Self-speculative speedup"] + (textwrap.wrap(title, width_chars) if title else [])),
+    ax.set_title("\n".join([heading] + (textwrap.wrap(title, width_chars) if title else [])),
                  fontsize=9)
     fig.tight_layout()
     save_figure(fig, path, dpi=120)
