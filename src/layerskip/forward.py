@@ -158,7 +158,7 @@ class LayerStack:
             h = h + self._mlp(layer.mlp, layer.post_attention_layernorm(h), g)
         return h
 
-    def tune(self, reps: int = 3) -> tuple[bool, bool]:
+    def tune(self, reps: int = 3) -> tuple[bool, ...]:
         """Choose the few-row matmul kernel (see `matmul`) by timing both on this model, on this machine.
 
         For each row count in TUNE_ROWS, a pass through every layer and the head with each kernel,

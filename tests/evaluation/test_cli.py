@@ -122,6 +122,8 @@ def errors(write_jsonl, tmp_path, model_dir):
         (["sweep", "--model", model_dir, "--task", "humaneval", "--limit", "1", "--exit-layers", "1,5",
           "--num-speculations", "2", "--out", str(tmp_path / "o")], "--exit-layers [5]"),
         (["analyze", "--data", str(empty), "--out", str(tmp_path / "a")], "no samples"),
+        (["sweep", "--model", model_dir, "--task", "humaneval", "--limit", "1", "--exit-layers", "1", "--num-speculations",
+          "0,2", "--replay", "--out", str(tmp_path / "r")], "each value must be >= 1"),
         (["sweep", "--exit-layers", "1", "--num-speculations", "2", "--replay", "x", "--out", str(tmp_path)],
          "--replay 'x': expected numbers"),
         (["sweep", "--exit-layers", "1", "--num-speculations", "2", "--replay", "0,1.5", "--out", str(tmp_path)],

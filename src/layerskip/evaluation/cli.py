@@ -170,13 +170,11 @@ def _replay(args, task, exit_layers, specs) -> int:
     from layerskip.decoding.api import resolve_confidence_threshold
     from layerskip.evaluation import io, plots
     from layerskip.evaluation.replay import FIELDS, replay_grid
+    from layerskip.evaluation.sweep import check_grid
 
     thresholds = _float_list(args.replay, "--replay") if args.replay else None
     model, tokenizer = _load_model(args)
-    L = model.config.num_hidden_layers
-    bad = [e for e in exit_layers if not 1 <= e < L]
-    if bad:
-        raise LayerSkipError(f"--exit-layers {bad}: each must be in [1, {L - 1}] for this {L}-layer model")
+    check_grid(exit_layers, specs, model.config.num_hidden_layers)
     thresholds = thresholds or [resolve_confidence_threshold(model, args.confidence_threshold)]
     rows = replay_grid(model, tokenizer, task, exit_layers, specs, thresholds, max_new_tokens=args.max_new_tokens,
                        draft_vocab=args.draft_vocab)

@@ -124,18 +124,18 @@ def replay_grid(model, tokenizer, task, exit_layers, num_speculations, threshold
     stack = layer_stack(model)
     vocab = resolve_draft_vocab(model, draft_vocab, stack.device)
     eos = eos_ids(model, tokenizer)
-    traces, limits = [], []
+    traces, contexts = [], []  # contexts: a typical cache length while decoding each output
     for sample in tqdm(task.samples, desc="replay: decode + trace", disable=not progress, leave=False):
         prompt = encode_prompt(tokenizer, sample, model, max_new_tokens)
         out = layerskip.generate(model, prompt, max_new_tokens=max_new_tokens, eos_token_id=eos or None,
                                  stop_strings=list(sample.stop_strings) or None, tokenizer=tokenizer).token_ids
         if out:
             traces.append(trace_exits(model, prompt, out, exit_layers, vocab))
-            limits.append(len(prompt) + len(out) // 2)
+            contexts.append(len(prompt) + len(out) // 2)
     if not traces:
         return []
     lengths = [len(t.tokens) for t in traces]
-    context = sum(limits) // len(limits)
+    context = sum(contexts) // len(contexts)
     rows = []
     for E in tqdm(list(exit_layers), desc="replay: step times", disable=not progress, leave=False):
         times = measure_step_times(model, E, range(0, max(num_speculations) + 1), context_len=context,

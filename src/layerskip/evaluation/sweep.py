@@ -57,6 +57,16 @@ def parse_int_list(text: str, flag: str) -> list[int]:
     return sorted(set(values))
 
 
+def check_grid(exit_layers: list[int], num_speculations: list[int], num_layers: int) -> None:
+    """One-line errors for E values outside [1, L) and d values below 1."""
+    bad = [e for e in exit_layers if not 1 <= e < num_layers]
+    if bad:
+        raise LayerSkipError(f"--exit-layers {bad}: each must be in [1, {num_layers - 1}] for this "
+                             f"{num_layers}-layer model")
+    if any(d < 1 for d in num_speculations):
+        raise LayerSkipError("--num-speculations: each value must be >= 1")
+
+
 def run_sweep(model, tokenizer, task: Task, exit_layers: list[int], num_speculations: list[int],
               out_dir: str | Path, *, max_new_tokens: int = 64, model_name: str = "", predict: bool = True,
               progress: bool = True, on_row: Callable[[dict], None] | None = None,
@@ -73,11 +83,7 @@ def run_sweep(model, tokenizer, task: Task, exit_layers: list[int], num_speculat
         SweepResult.
     """
     L = model.config.num_hidden_layers
-    bad = [e for e in exit_layers if not 1 <= e < L]
-    if bad:
-        raise LayerSkipError(f"--exit-layers {bad}: each must be in [1, {L - 1}] for this {L}-layer model")
-    if any(d < 1 for d in num_speculations):
-        raise LayerSkipError("--num-speculations: each value must be >= 1")
+    check_grid(exit_layers, num_speculations, L)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise LayerSkipError(f"--out {out}: not a directory")
