@@ -32,6 +32,7 @@ def test_measure_step_times(tiny_exact):
     assert times.exit_layer == 1 and times.context_len == 16
     assert sorted(times.t_verify) == [0, 2, 3]
     assert times.t_draft > 0 and times.t_ar > 0 and all(t > 0 for t in times.t_verify.values())
+    assert list(measure_step_times(tiny_exact, 2, [0], context_len=4, repeats=1, warmup=0).t_verify) == [0]
     with pytest.raises(LayerSkipError, match="exit_layer"):
         measure_step_times(tiny_exact, 4, [1])
 

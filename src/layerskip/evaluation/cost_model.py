@@ -79,6 +79,9 @@ def measure_step_times(model, exit_layer: int, ks, *, context_len: int = 64, rep
                        warmup: int = 3, draft_vocab: torch.Tensor | None = None) -> StepTimes:
     """Time t_E, t_ar and t_v(k) for each k in `ks`, each in isolation, with a cache of `context_len`.
 
+    The pieces are timed in turn within each repetition (not one after the other), so a slow spell on a shared
+    machine slows all of them alike and their ratios, which the predictions use, hold steadier.
+
     Args:
         model: a loaded supported transformers model.
         exit_layer: E, 1 <= E < L.
@@ -109,31 +112,26 @@ def measure_step_times(model, exit_layer: int, ks, *, context_len: int = 64, rep
 
     with torch.inference_mode(), attention_backends(stack.device):
         stack.run(stack.embed(ids[:, :T]), 0, L, cache, 0)  # the context, in every layer
-        def timed(num_layers: int, vocab=None) -> float:
-            return _median_time(lambda: step(num_layers, vocab), lambda: _reset(cache, [T] * L), repeats, warmup, stack)
+        # The drafts' exit hidden states for the largest k; each verify pass takes its first k (the same
+        # tokens, so every piece below writes the cache positions it touches with the same values).
+        exits_all = (stack.run(stack.embed(ids[:, T:T + max_k]), 0, exit_layer, cache, T) if max_k
+                     else stack.embed(ids[:, :0]))  # (1, max_k, H)
 
-        t_draft, t_ar = timed(exit_layer, draft_vocab), timed(L)
-        t_exit = None if draft_vocab is None else timed(exit_layer)
-        t_verify = {}
-        for k in ks:
-            # The round's state before verifying: early layers hold x0, d1..d_{k-1} (T + k positions);
-            # the exit cache holds their hidden states; late layers hold the context only.
-            if k:
-                exits = stack.run(stack.embed(ids[:, T:T + k]), 0, exit_layer, cache, T)  # (1, k, H)
-            else:
-                exits = stack.embed(ids[:, :0])  # (1, 0, H)
-            valid = [T + k] * exit_layer + [T] * (L - exit_layer)
-            _reset(cache, valid)
+        def verify(k):
+            last = stack.run(stack.embed(ids[:, T + k:T + k + 1]), 0, exit_layer, cache, T + k)  # (1, 1, H)
+            h = stack.run(torch.cat([exits_all[:, :k], last], 1), exit_layer, L, cache, T)  # (1, k + 1, H)
+            stack.logits(h[0]).argmax(-1)  # (k + 1,)
 
-            def verify(k=k, exits=exits):
-                last = stack.run(stack.embed(ids[:, T + k:T + k + 1]), 0, exit_layer, cache, T + k)  # (1, 1, H)
-                h = stack.run(torch.cat([exits, last], 1), exit_layer, L, cache, T)  # (1, k + 1, H)
-                stack.logits(h[0]).argmax(-1)  # (k + 1,)
-
-            t_verify[k] = _median_time(verify, lambda v=valid: _reset(cache, v), repeats, warmup, stack)
-            _reset(cache, [T] * L)
-    return StepTimes(exit_layer=exit_layer, context_len=T, t_draft=t_draft, t_ar=t_ar, t_verify=t_verify,
-                     t_exit=t_exit)
+        # (name, piece, each layer's valid length before it): the round's state before verifying k drafts is
+        # early layers holding x0, d1..d_{k-1} (T + k positions), late layers the context only.
+        pieces = [("draft", lambda: step(exit_layer, draft_vocab), [T] * L), ("ar", lambda: step(L), [T] * L)]
+        if draft_vocab is not None:
+            pieces.append(("exit", lambda: step(exit_layer), [T] * L))
+        pieces += [(k, lambda k=k: verify(k), [T + k] * exit_layer + [T] * (L - exit_layer)) for k in ks]
+        times = _interleaved_medians(pieces, cache, repeats, warmup, stack)
+        _reset(cache, [T] * L)
+    return StepTimes(exit_layer=exit_layer, context_len=T, t_draft=times["draft"], t_ar=times["ar"],
+                     t_verify={k: times[k] for k in ks}, t_exit=times.get("exit"))
 
 
 def _reset(cache, valid: list[int]) -> None:
@@ -141,14 +139,16 @@ def _reset(cache, valid: list[int]) -> None:
     cache.valid = list(valid)
 
 
-def _median_time(fn, reset, repeats: int, warmup: int, stack) -> float:
-    times = []
+def _interleaved_medians(pieces, cache, repeats: int, warmup: int, stack) -> dict:
+    """{name: median seconds} over `repeats` rounds after `warmup`, every piece once per round, in turn, so
+    that a slow spell on a shared machine falls on all of them alike (their ratios are what predictions use)."""
+    times = {name: [] for name, _, _ in pieces}
     for i in range(warmup + repeats):
-        reset()
-        t0 = clock(stack.device)
-        fn()
-        t1 = clock(stack.device)
-        if i >= warmup:
-            times.append(t1 - t0)
-    reset()
-    return statistics.median(times)
+        for name, fn, valid in pieces:
+            _reset(cache, valid)
+            t0 = clock(stack.device)
+            fn()
+            t1 = clock(stack.device)
+            if i >= warmup:
+                times[name].append(t1 - t0)
+    return {name: statistics.median(values) for name, values in times.items()}
