@@ -135,30 +135,33 @@ def test_double_precision_gradcheck():
     assert torch.autograd.gradcheck(fn, (head, h, g))
 
 
-def _reference_self_distillation(model, ids, weights):
-    """Slow and obvious: exits before the last against the last layer's argmax, the last against the data."""
+def _reference_self_distillation(model, ids, weights, soft=False):
+    """Slow and obvious: exits before the last against the last layer's argmax (soft: its softmax), the last
+    against the data."""
     out = model(ids, output_hidden_states=True)
     L = model.config.num_hidden_layers
-    greedy = out.logits[:, :-1].argmax(-1).reshape(-1)  # the last layer's own next-token choice
+    last = out.logits[:, :-1].reshape(-1, out.logits.shape[-1]).detach()  # the last layer's own next-token scores
+    teacher = last.softmax(-1) if soft else last.argmax(-1)
     total, losses = 0.0, {}
     for l, w in weights.items():
         logits = out.logits if l == L - 1 else model.lm_head(model.model.norm(out.hidden_states[l + 1]))
-        targets = ids[:, 1:].reshape(-1) if l == L - 1 or w == 0 else greedy
+        targets = ids[:, 1:].reshape(-1) if l == L - 1 or w == 0 else teacher
         losses[l] = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets)
         total = total + w * losses[l]
     return total, losses
 
 
-@pytest.mark.parametrize("arch", ["llama-tied", "qwen3"])
-def test_self_distillation_equals_the_hand_computation(tiny_models, arch):
+@pytest.mark.parametrize("arch,targets", [("llama-tied", "final"), ("qwen3", "final"), ("llama-tied", "final-soft"),
+                                          ("mistral", "final-soft")])
+def test_self_distillation_equals_the_hand_computation(tiny_models, arch, targets):
     model = tiny_models[arch]
     L = model.config.num_hidden_layers
     ids = torch.randint(0, model.config.vocab_size, (3, 12), generator=torch.Generator().manual_seed(2))
     wrapped = LayerSkipModel(model, LayerDropout(L, 0.0), Curriculum("none", L), early_exit_scale=1.0,
-                             exit_targets="final").train()
+                             exit_targets=targets).train()
     weights = exit_weights(L, list(range(L)), 1.0)  # exit 0 has weight 0: reported against the data
     out = wrapped(ids, step=0)
-    ref, ref_losses = _reference_self_distillation(model, ids, weights)
+    ref, ref_losses = _reference_self_distillation(model, ids, weights, soft=targets == "final-soft")
     torch.testing.assert_close(out.loss, ref)
     for l in range(L):
         torch.testing.assert_close(out.exit_losses[l], ref_losses[l])
@@ -190,3 +193,29 @@ def test_self_distillation_keeps_ignored_positions_out():
     torch.testing.assert_close(loss, ref)
     with pytest.raises(ValueError, match="exit_targets"):
         early_exit_loss(hidden, labels, torch.nn.Identity(), head, weights, exit_targets="soft")
+
+
+def test_soft_and_hard_self_distillation_chunked_with_ignored_positions():
+    torch.manual_seed(1)
+    V, H = 19, 5
+    head = torch.randn(V, H, requires_grad=True)
+    hidden = {0: torch.randn(2, 7, H, requires_grad=True), 2: torch.randn(2, 7, H, requires_grad=True),
+              4: torch.randn(2, 7, H, requires_grad=True)}
+    labels = torch.randint(0, V, (2, 7))
+    labels[0, 1:4] = -100
+    weights = {0: 0.2, 2: 0.3, 4: 0.5}
+    y = labels[:, 1:].reshape(-1)
+    keep = y != -100
+    last = (hidden[4][:, :-1].reshape(-1, H) @ head.t()).detach()
+    for targets, teacher in (("final", last.argmax(-1)), ("final-soft", last.softmax(-1))):
+        ref = 0.5 * F.cross_entropy(hidden[4][:, :-1].reshape(-1, H) @ head.t(), y, ignore_index=-100)
+        for l in (0, 2):
+            logits = hidden[l][:, :-1].reshape(-1, H) @ head.t()
+            ref = ref + weights[l] * F.cross_entropy(logits[keep], teacher[keep])
+        ref_grads = torch.autograd.grad(ref, [head, *hidden.values()])
+        for chunk in (None, 1, 4):
+            loss, _ = early_exit_loss(hidden, labels, torch.nn.Identity(), head, weights, chunk_tokens=chunk,
+                                      exit_targets=targets)
+            torch.testing.assert_close(loss, ref)
+            for g, r in zip(torch.autograd.grad(loss, [head, *hidden.values()]), ref_grads):
+                torch.testing.assert_close(g, r)

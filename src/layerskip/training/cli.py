@@ -60,8 +60,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="S(t): constant (default), exponential (from scratch), linear")
     g.add_argument("--early-exit-scale", type=float, metavar="E", help="e_scale in [0, 1] (default: 0.2)")
     g.add_argument("--early-exit-targets", metavar="Y",
-                   help="what early exits learn: labels (the data; default, as in the paper) or final (the last "
-                        "layer's own greedy prediction: self-distillation, which is what drafting needs)")
+                   help="what early exits learn: labels (the data; default, as in the paper), final (the last "
+                        "layer's own greedy prediction: self-distillation, which is what drafting needs) or "
+                        "final-soft (the last layer's whole distribution)")
     g.add_argument("--curriculum", metavar="C", help="rotational (default), gradual, none (every layer), last (no early exit)")
     g.add_argument("--rotation", type=int, metavar="R", help="rotational curriculum period (default: 8)")
     g.add_argument("--preset", help=f"paper settings: {', '.join(PRESETS)}")

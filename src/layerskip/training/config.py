@@ -56,7 +56,7 @@ class TrainConfig:
     layer_dropout_depth: str = "exponential"  # D(l)
     layer_dropout_schedule: str = "constant"  # S(t)
     early_exit_scale: float = 0.2  # e_scale
-    early_exit_targets: str = "labels"  # what exits before the last learn: "labels" (the data) or "final"
+    early_exit_targets: str = "labels"  # what exits before the last learn: "labels" (the data), "final", "final-soft"
     curriculum: str = "rotational"
     rotation: int = 8  # R
     # bookkeeping

@@ -7,17 +7,21 @@ Terminology:
                                 e(L-1) = (L-1) + e_scale * sum_{i=0..L-2} i.
   w(t, l)    the exit's weight: C(t, l) e(l) / sum_i C(t, i) e(i), normalised over the active exits.
   J          sum_l w(t, l) * CE(head(norm(h_l)), y_l).
-  y_l        exit l's targets: the next tokens of the data (the paper's loss, `exit_targets="labels"`), or, with
-             `exit_targets="final"`, for l < L-1 the last layer's own greedy prediction argmax head(norm(h_{L-1}))
-             (self-distillation; no gradient flows through it). The last layer always learns the data.
-             Self-speculative decoding accepts a draft exactly when exit E's argmax equals the last layer's, so
-             "final" trains the early exits on the quantity that decides acceptance.
+  y_l        exit l's targets: the next tokens of the data (the paper's loss, `exit_targets="labels"`), or, for
+             l < L-1, the last layer's own prediction (self-distillation; held constant, no gradient flows through
+             it): its argmax head(norm(h_{L-1})) with `exit_targets="final"`, its whole distribution
+             softmax(head(norm(h_{L-1}))) with "final-soft" (CE against it = KL + the last layer's entropy).
+             The last layer always learns the data. Self-speculative decoding accepts a draft exactly when exit
+             E's argmax equals the last layer's, so both train the early exits on the quantity that decides
+             acceptance; the soft one gives each token the last layer's ranking of every alternative.
 
 The true final output h_{L-1} is always in the loss (torchtune's recipe feeds h_{L-2} as "the last layer").
 
-Memory: logits are never alive for more than one chunk of tokens of one exit. `SharedHeadCrossEntropy`
-computes each chunk's loss and, in the same pass, its gradient with respect to the exit's hidden state and the
-head weight (softmax - one-hot, times the exit's weight); backward only scales those by the incoming gradient.
+Memory: logits are never alive for more than one chunk of tokens of one exit (plus the teacher's, when
+distilling). `SharedHeadCrossEntropy` computes each chunk's loss and, in the same pass, its gradient with respect
+to the exit's hidden state and the head weight (softmax - target, times the exit's weight); backward only scales
+those by the incoming gradient. The last exit is computed first in each chunk, so its logits serve as the
+distillation teacher too, and the head runs once per exit per token.
 So the exits cost no extra memory beyond one (tokens, hidden) gradient each, and no recomputation.
 """
 from __future__ import annotations
@@ -26,7 +30,7 @@ import torch
 from torch import nn
 
 IGNORE_INDEX = -100
-EXIT_TARGETS = ("labels", "final")
+EXIT_TARGETS = ("labels", "final", "final-soft")
 _CHUNK_ELEMENTS = 2**22  # logits per chunk: 16 MiB in fp32
 
 
@@ -71,78 +75,78 @@ def early_exit_loss(
         head_weight: (V, H) the LM head's weight (no bias in the Llama family).
         weights: {l: w(t, l)}.
         chunk_tokens: tokens per logits chunk; default: 2^22 / V.
-        exit_targets: "labels" (the data, for every exit) or "final" (exits before the last learn the last
-            layer's argmax; see the module docstring).
+        exit_targets: "labels" (the data, for every exit), "final" (exits before the last learn the last
+            layer's argmax) or "final-soft" (its whole distribution); see the module docstring. Exits of
+            weight 0 are scored against the data either way.
     Returns:
         (J, {l: CE of exit l against its targets, detached}).
     """
     if exit_targets not in EXIT_TARGETS:
         raise ValueError(f"exit_targets must be one of {', '.join(EXIT_TARGETS)}, got {exit_targets!r}")
-    layers = sorted(weights)
+    last = max(weights)
+    order = [last] + sorted(l for l in weights if l != last)  # the last exit first: its logits are the teacher
     targets = labels[:, 1:].reshape(-1)  # (N,) with N = B * (T - 1)
-    xs = {l: norm(hidden[l][:, :-1]).reshape(targets.shape[0], -1) for l in layers}  # each (N, H)
+    xs = [norm(hidden[l][:, :-1]).reshape(targets.shape[0], -1) for l in order]  # each (N, H)
     chunk = chunk_tokens or max(1, _CHUNK_ELEMENTS // head_weight.shape[0])
-    need_grad = torch.is_grad_enabled() and (head_weight.requires_grad or any(x.requires_grad for x in xs.values()))
-    last = max(layers)
-    groups = [(layers, targets)]  # (exits, their targets (N,))
-    early = [l for l in layers if l != last and weights[l] != 0.0]
-    if exit_targets == "final" and early:
-        predicted = greedy_targets(xs[last], head_weight, chunk)  # (N,)
-        predicted = predicted.masked_fill(targets == IGNORE_INDEX, IGNORE_INDEX)
-        groups = [(early, predicted), ([l for l in layers if l not in early], targets)]
-    loss, per_exit = 0.0, {}
-    for group, y in groups:
-        part, losses = SharedHeadCrossEntropy.apply(
-            head_weight, y, tuple(weights[l] for l in group), chunk, need_grad, *(xs[l] for l in group)
-        )
-        loss = loss + part
-        per_exit.update({l: losses[i] for i, l in enumerate(group)})
-    return loss, {l: per_exit[l] for l in layers}
-
-
-@torch.no_grad()
-def greedy_targets(x: torch.Tensor, head_weight: torch.Tensor, chunk: int) -> torch.Tensor:
-    """argmax_v (x W^T)_v for x (N, H) normed hidden states, in chunks of `chunk` rows: (N,) token ids."""
-    return torch.cat([(x[s : s + chunk] @ head_weight.t()).argmax(-1) for s in range(0, x.shape[0], chunk)])
+    need_grad = torch.is_grad_enabled() and (head_weight.requires_grad or any(x.requires_grad for x in xs))
+    distill = exit_targets != "labels"
+    distilled = tuple(distill and l != last and weights[l] != 0.0 for l in order)
+    loss, losses = SharedHeadCrossEntropy.apply(
+        head_weight, targets, tuple(weights[l] for l in order), distilled, exit_targets == "final-soft", chunk,
+        need_grad, *xs
+    )
+    return loss, {l: losses[order.index(l)] for l in sorted(weights)}
 
 
 class SharedHeadCrossEntropy(torch.autograd.Function):
-    """sum_k w_k CE(x_k W^T, y) over exits k sharing the head W, in token chunks, gradients formed in forward.
+    """sum_k w_k CE(x_k W^T, y_k) over exits k sharing the head W, in token chunks, gradients formed in forward.
 
-    forward(W (V, H), y (N,), w (K floats), chunk, need_grad, x_1..x_K (N, H) each) -> (J (), losses (K,))
+    forward(W (V, H), y (N,), w (K floats), distilled (K bools), soft, chunk, need_grad, x_1..x_K (N, H) each)
+    -> (J (), losses (K,)). y_k is the data y, except for a distilled exit k: the first exit's argmax (soft:
+    its softmax, a distribution), computed from the same chunk's logits and held constant (no gradient).
     """
 
     @staticmethod
-    def forward(ctx, weight, targets, exit_w, chunk, need_grad, *xs):
+    def forward(ctx, weight, targets, exit_w, distilled, soft, chunk, need_grad, *xs):
         valid = targets != IGNORE_INDEX  # (N,)
         safe_targets = targets.clamp(min=0)  # (N,)
         count = valid.sum().clamp(min=1)  # ()  tokens that count, no host sync
         acc = torch.promote_types(weight.dtype, torch.float32)
         grad_w = torch.zeros_like(weight) if need_grad and ctx.needs_input_grad[0] else None  # (V, H)
-        grad_xs, losses = [], []
-        for k, (x, w) in enumerate(zip(xs, exit_w)):
-            want_x = need_grad and w != 0.0 and ctx.needs_input_grad[5 + k]
-            grad_x = torch.empty_like(x) if want_x else None  # (N, H)
-            total = torch.zeros((), dtype=acc, device=x.device)
-            for s in range(0, x.shape[0], chunk):
-                xc, tc, vc = x[s : s + chunk], safe_targets[s : s + chunk], valid[s : s + chunk]
+        want_x = [need_grad and w != 0.0 and ctx.needs_input_grad[7 + k] for k, w in enumerate(exit_w)]
+        grad_xs = [torch.empty_like(x) if want else None for x, want in zip(xs, want_x)]  # (N, H) each
+        totals = [torch.zeros((), dtype=acc, device=weight.device) for _ in xs]
+        teach = any(distilled)
+        for s in range(0, targets.shape[0], chunk):
+            tc, vc = safe_targets[s : s + chunk], valid[s : s + chunk]
+            rows = torch.arange(tc.shape[0], device=tc.device)
+            teacher = None  # the first exit's argmax (c,) or softmax (c, V), for distilled exits
+            for k, (x, w) in enumerate(zip(xs, exit_w)):
+                xc = x[s : s + chunk]
                 logits = (xc @ weight.t()).to(acc)  # (c, V)
                 lse = torch.logsumexp(logits, dim=-1)  # (c,)
-                picked = logits.gather(1, tc[:, None]).squeeze(1)  # (c,)
-                total = total + ((lse - picked) * vc).sum()
-                if not (want_x or (grad_w is not None and w != 0.0)):
+                if distilled[k] and soft:
+                    picked = (teacher * logits).sum(-1)  # (c,)  CE against a distribution
+                else:
+                    y = teacher if distilled[k] else tc
+                    picked = logits.gather(1, y[:, None]).squeeze(1)  # (c,)
+                totals[k] = totals[k] + ((lse - picked) * vc).sum()
+                if k == 0 and teach:
+                    teacher = (logits - lse[:, None]).exp() if soft else logits.argmax(-1)
+                if not (want_x[k] or (grad_w is not None and w != 0.0)):
                     continue
                 probs = logits.sub_(lse[:, None]).exp_()  # (c, V) softmax, in place
-                probs[torch.arange(tc.shape[0], device=tc.device), tc] -= 1.0  # softmax - one-hot
+                if distilled[k] and soft:
+                    probs -= teacher
+                else:
+                    probs[rows, teacher if distilled[k] else tc] -= 1.0  # softmax - one-hot
                 probs.mul_((vc.to(acc) * w / count)[:, None])  # dJ/dlogits for this chunk
                 g = probs.to(weight.dtype)
-                if want_x:
-                    grad_x[s : s + chunk] = g @ weight  # (c, H)
+                if want_x[k]:
+                    grad_xs[k][s : s + chunk] = g @ weight  # (c, H)
                 if grad_w is not None:
                     grad_w.addmm_(g.t(), xc)  # (V, H)
-            grad_xs.append(grad_x)
-            losses.append(total / count)
-        losses = torch.stack(losses)  # (K,)
+        losses = torch.stack([t / count for t in totals])  # (K,)
         loss = (losses * torch.tensor(exit_w, dtype=losses.dtype, device=losses.device)).sum()
         ctx.has_grad_w = grad_w is not None
         ctx.grad_x_mask = [g is not None for g in grad_xs]
@@ -155,4 +159,4 @@ class SharedHeadCrossEntropy(torch.autograd.Function):
         saved = list(ctx.saved_tensors)
         grad_w = saved.pop(0) * grad_loss if ctx.has_grad_w else None
         grad_xs = [saved.pop(0) * grad_loss if has else None for has in ctx.grad_x_mask]
-        return (grad_w, None, None, None, None, *grad_xs)
+        return (grad_w, None, None, None, None, None, None, *grad_xs)

@@ -50,8 +50,8 @@ class LayerSkipModel(nn.Module):
         curriculum: C(t, l).
         early_exit_scale: e_scale in [0, 1].
         rank: this process's data-parallel rank (seeds its masks; each rank drops its own samples).
-        exit_targets: what exits before the last learn while training: "labels" (the data) or "final" (the
-            last layer's greedy prediction); see early_exit_loss. Evaluation always scores against the data.
+        exit_targets: what exits before the last learn while training: "labels" (the data), "final" (the
+            last layer's greedy prediction) or "final-soft" (its distribution); see early_exit_loss. Evaluation always scores against the data.
     """
 
     def __init__(
