@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from layerskip.errors import LayerSkipError
-from layerskip.forward import TUNE_ROWS, LayerStack
+from layerskip.forward import TUNE_ROWS, LayerStack, matmul
 from layerskip.models import make_random_model
 
 
@@ -102,3 +102,16 @@ def test_each_row_count_uses_its_buckets_kernel(tiny_llama):
     stack.small_gemm = (True, False, True, False)  # buckets starting at TUNE_ROWS = (1, 2, 4, 8)
     assert TUNE_ROWS == (1, 2, 4, 8)
     assert [stack._route(r) for r in range(1, 13)] == [True, False, False, True, True, True, True] + [False] * 5
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 12, 13])
+@pytest.mark.parametrize("small_gemm", [False, True])
+def test_matmul_equals_linear_and_is_contiguous(rows, small_gemm):
+    """Either kernel gives F.linear's result in a plain row-major layout: a transposed view would be inherited
+    by every op after it (the next matmul and attention over several queries then take much slower paths)."""
+    gen = torch.Generator().manual_seed(rows)
+    x, w, b = torch.randn(1, rows, 24, generator=gen), torch.randn(40, 24, generator=gen), torch.randn(40, generator=gen)
+    for bias in (None, b):
+        y = matmul(x, w, bias, small_gemm)
+        torch.testing.assert_close(y, torch.nn.functional.linear(x, w, bias))
+        assert y.is_contiguous()

@@ -53,7 +53,9 @@ def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, sma
     x2 = x.reshape(rows, -1)  # (M, in)
     if rows == 1:
         x2 = torch.cat([x2, x2])  # a 2-column GEMM streams the weight faster than the GEMV
-    y = (weight @ x2.T).T[:rows]  # (M, out)
+    # contiguous: left as the transposed view, everything downstream inherits a rows-innermost layout, which
+    # sends the next W @ x.T down a 4x slower MKL path and CPU attention over several queries off its flash kernel
+    y = (weight @ x2.T).T[:rows].contiguous()  # (M, out)
     if bias is not None:
         y = y + bias
     return y.reshape(*x.shape[:-1], -1)
