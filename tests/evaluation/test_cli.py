@@ -75,7 +75,7 @@ def test_sweep_replay_cli_agrees_with_the_timed_sweep(capsys, model_dir, prompts
     assert code == 0, err
     code, out, err = run(capsys, "sweep", *common, "--replay", "0,0.4", "--out", str(tmp_path / "re"))
     assert code == 0, err
-    assert "best (predicted): exit_layer=" in out and "flat verify pass at most" in out
+    assert "best (predicted): exit_layer=" in out and "best with a flat verify pass" in out
     timed = {(r["exit_layer"], r["num_speculations"]): r for r in csv.DictReader(open(tmp_path / "sw" / "sweep.csv"))}
     assert (tmp_path / "re" / "replay.png").exists()
     replayed = list(csv.DictReader(open(tmp_path / "re" / "replay.csv")))
