@@ -1,6 +1,6 @@
 """Build the built-in default model: a small Llama trained from scratch with LayerSkip on Python code.
 
-Three stages, so that training can run on a GPU machine while data, tokenizer and the speed sweep stay
+Four stages, so that training can run on a GPU machine while data, tokenizer and the speed sweep stay
 on the machine whose CPU the default (E, d) is chosen for:
 
   prepare  the interpreter's standard library (train split, see layerskip.corpus) as JSONL; the
@@ -8,18 +8,20 @@ on the machine whose CPU the default (E, d) is chosen for:
            the train split; the model config. Writes under OUT (default runs/default-model).
   train    `layerskip train` twice with the same data and steps: LayerSkip (layer dropout + early-exit
            loss), and a baseline without either (last-layer loss only) for the comparison plot.
+  distill  on-policy self-distillation: `layerskip selfgen` (the model's own greedy continuations of prompts
+           cut from the train split), then `layerskip train --early-exit-targets final` on them (DISTILL_FLAGS
+           below; CPU-sized: about 10 + 18 minutes on 2 cores)
   finish   `layerskip sweep` on held-out prompts picks (E, d); they are stored in config.json under
            "layerskip"; the weights are saved in bfloat16 into src/layerskip/assets/default-model.
 
     python scripts/build_default_model.py all            # everything, on this machine
-    python scripts/build_default_model.py prepare        # then `train` where a GPU is, then `finish`
+    python scripts/build_default_model.py prepare        # then `train` where a GPU is, then `distill`, `finish`
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -38,7 +40,7 @@ BASELINE_FLAGS = ["--layer-dropout-max", "0", "--early-exit-scale", "0", "--curr
 # Decoding defaults chosen in `finish`: the draft vocabulary's size (the most frequent training tokens), and
 # the confidence thresholds swept with (E, d).
 DRAFT_VOCAB = 1024
-THRESHOLDS = (0.0, 0.3, 0.5)
+THRESHOLDS = (0.0, 0.3, 0.5, 0.7)
 TRAIN_FLAGS = ["--seq-len", "512", "--lr", "1e-3", "--warmup-steps", "100", "--weight-decay", "0.1",
                "--eval-fraction", "0.02"]
 
@@ -53,6 +55,7 @@ def prepare(out: Path) -> None:
 
     from layerskip.corpus import read_texts, stdlib_files
     from layerskip.tokenizer import train_bpe_tokenizer
+    from layerskip.training.selfgen import context_prompts
 
     out.mkdir(parents=True, exist_ok=True)
     train_files, heldout_files = stdlib_files("train"), stdlib_files("heldout")
@@ -68,9 +71,8 @@ def prepare(out: Path) -> None:
     per_file = []
     for text in read_texts(heldout_files):
         rows = []
-        for m in list(re.finditer(r"(?m)^(    )?def \w+\(.*\n(?:.*\n){2}", text))[:4]:
-            rows.append({"prompt": text[max(0, m.start() - 400):m.end()],  # some context before the def
-                         "reference": text[m.end():m.end() + 400]})
+        for prompt, end in context_prompts(text)[:4]:  # a def and two lines, with 400 characters before it
+            rows.append({"prompt": prompt, "reference": text[end:end + 400]})
         per_file.append(rows)
     with open(out / "heldout_prompts.jsonl", "w") as f:
         for i in range(4):  # round-robin over files, so the first N prompts come from many modules
@@ -96,6 +98,24 @@ def train(out: Path, steps: int, batch_size: int, dtype: str, which: list[str]) 
         raise SystemExit(f"training failed: {failed}; see {out}/<name>.log")
 
 
+# On-policy self-distillation (`distill`): `layerskip selfgen` (the trained model's greedy continuations of 4000
+# prompts cut from the train split), then `layerskip train` on them with every exit distilled from the last layer
+# and the weight on the exits a drafter uses (after 2 to 4 layers). A second round (fresh prompts from the
+# distilled model, plus a third of the train split as real code) moved neither the exits nor the perplexity.
+DISTILL_FLAGS = ["--max-steps", "300", "--batch-size", "8", "--seq-len", "512", "--lr", "1e-4", "--warmup-steps", "20",
+                 "--layer-dropout-max", "0", "--curriculum", "none", "--early-exit-targets", "final",
+                 "--early-exit-weights", "0,1,2,2,1,0.5,0.5,3", "--save-steps", "100", "--eval-fraction", "0.02"]
+DISTILL_PROMPTS, DISTILL_NEW_TOKENS = 4000, 128
+
+
+def distill(out: Path, dtype: str) -> None:
+    """On-policy self-distillation of out/layerskip into out/distilled."""
+    sh(sys.executable, "-m", "layerskip", "selfgen", "--model", out / "layerskip", "--data", out / "train.jsonl",
+       "--limit", DISTILL_PROMPTS, "--max-new-tokens", DISTILL_NEW_TOKENS, "--batch-size", 48, "--out", out / "selfgen.jsonl")
+    sh(sys.executable, "-m", "layerskip", "train", "--model", out / "layerskip", "--data", out / "selfgen.jsonl",
+       "--output-dir", out / "distilled", "--dtype", dtype, *DISTILL_FLAGS)
+
+
 def finish(out: Path, limit: int) -> None:
     import json
 
@@ -104,8 +124,8 @@ def finish(out: Path, limit: int) -> None:
     from layerskip.models import load
     from layerskip.training.trainer import store_draft_vocab
 
-    model_dir = out / "layerskip"
-    model, tokenizer = load(str(model_dir))
+    model_dir = out / "distilled"
+    model, tokenizer = load(str(model_dir if model_dir.exists() else out / "layerskip"))
     # the draft vocabulary: the training data's most frequent tokens (`layerskip train` stores them; a model
     # trained before it did gets them here, from the same data)
     if "draft_vocab" not in (getattr(model.config, "layerskip", None) or {}):
@@ -117,15 +137,15 @@ def finish(out: Path, limit: int) -> None:
     tmp_model = out / "layerskip-draft"
     model.save_pretrained(tmp_model)
     tokenizer.save_pretrained(tmp_model)
-    # (E, d) for each confidence threshold, on held-out prompts; the fastest row over all of them wins
-    rows = []
-    for threshold in THRESHOLDS:
-        sweep = out / f"sweep-c{threshold:g}"
-        sh(sys.executable, "-m", "layerskip", "sweep", "--model", tmp_model, "--task",
-           f"jsonl:{out / 'heldout_prompts.jsonl'}", "--limit", str(limit), "--exit-layers", "2:7:1",
-           "--num-speculations", "2,3,4,6,8", "--confidence-threshold", str(threshold), "--max-new-tokens", "128",
-           "--threads", "1", "--out", sweep)
-        rows += [dict(r, confidence_threshold=threshold) for r in csv_rows(sweep / "sweep.csv")]
+    # (E, d, C) by replaying the model's own greedy decodes of held-out prompts through every cell's rounds, costed
+    # with step times measured here (`layerskip sweep --replay`); the fastest predicted cell wins
+    sweep = out / "sweep-replay"
+    sh(sys.executable, "-m", "layerskip", "sweep", "--model", tmp_model, "--task",
+       f"jsonl:{out / 'heldout_prompts.jsonl'}", "--limit", str(limit), "--exit-layers", "2:7:1",
+       "--num-speculations", "2,3,4,6,8", "--replay", ",".join(f"{t:g}" for t in THRESHOLDS),
+       "--max-new-tokens", "128", "--threads", "1", "--out", sweep)
+    rows = [dict(r, speedup=r["predicted_speedup"], confidence_threshold=float(r["confidence_threshold"]))
+            for r in csv_rows(sweep / "replay.csv")]
     best = max(rows, key=lambda r: float(r["speedup"]))
     model.config.layerskip = {"trained": True, "exit_layer": int(best["exit_layer"]),
                               "num_speculations": int(best["num_speculations"]),
@@ -153,18 +173,20 @@ def csv_rows(path: Path):
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("stage", choices=["prepare", "train", "finish", "all"])
+    p.add_argument("stage", choices=["prepare", "train", "distill", "finish", "all"])
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "default-model")
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--runs", default="layerskip,baseline")
-    p.add_argument("--sweep-limit", type=int, default=12)
+    p.add_argument("--sweep-limit", type=int, default=24)
     args = p.parse_args()
     if args.stage in ("prepare", "all"):
         prepare(args.out)
     if args.stage in ("train", "all"):
         train(args.out, args.steps, args.batch_size, args.dtype, args.runs.split(","))
+    if args.stage in ("distill", "all"):
+        distill(args.out, args.dtype)
     if args.stage in ("finish", "all"):
         finish(args.out, args.sweep_limit)
 

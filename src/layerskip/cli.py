@@ -4,7 +4,7 @@ Subcommands live beside the code they drive; each module exposes `add_parser(sub
 registers a parser whose `func(args) -> int` does the work:
   generate, demo        layerskip.decoding.cli
   bench, sweep, analyze layerskip.evaluation.cli
-  train                 layerskip.training.cli
+  train, selfgen        layerskip.training.cli
 """
 from __future__ import annotations
 

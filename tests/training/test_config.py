@@ -46,6 +46,17 @@ def test_recipe_int_for_float_is_accepted(tmp_path):
     assert c.early_exit_scale == 1.0 and isinstance(c.early_exit_scale, float)
 
 
+def test_early_exit_weights_from_a_recipe_list_or_a_flag_string(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("early_exit_weights: [0, 1, 2, 1.5]\n")
+    assert build_config(recipe=recipe, **BASE).early_exit_weights == [0.0, 1.0, 2.0, 1.5]
+    assert build_config(**BASE, early_exit_weights="0,1,2,1.5").early_exit_weights == [0.0, 1.0, 2.0, 1.5]
+    assert build_config(**BASE).early_exit_weights is None
+    for bad in ("0,one,2", "0,1,-1,1", "1,1,0", ""):
+        with pytest.raises(LayerSkipError, match="early_exit_weights"):
+            build_config(**BASE, early_exit_weights=bad)
+
+
 @pytest.mark.parametrize("text,message", [
     ("learning_rate: 0.1\n", "unknown key"),
     ("rotation: eight\n", "rotation: expected int"),

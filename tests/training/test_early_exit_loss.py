@@ -30,6 +30,18 @@ def test_exit_scales_and_weights_by_hand():
     assert exit_weights(1, [0], 0.3) == {0: 1.0}
 
 
+def test_explicit_scales_replace_the_formula():
+    # e = [0, 1, 1, 2]: normalised over the active exits, e_scale ignored
+    assert exit_weights(4, [0, 1, 2, 3], 0.5, [0, 1, 1, 2]) == pytest.approx({0: 0, 1: 0.25, 2: 0.25, 3: 0.5})
+    assert exit_weights(4, [1, 3], 0.9, [0, 1, 1, 2]) == pytest.approx({1: 1 / 3, 3: 2 / 3})
+    with pytest.raises(ValueError, match="expected 4 numbers"):
+        exit_weights(4, [1, 3], 0.5, [1, 1, 2])
+    with pytest.raises(ValueError, match="last layer's > 0"):
+        exit_weights(4, [1, 3], 0.5, [0, 1, 1, 0])
+    with pytest.raises(ValueError, match=">= 0"):
+        exit_weights(4, [1, 3], 0.5, [0, -1, 1, 1])
+
+
 def test_weights_need_the_last_layer_and_a_valid_scale():
     with pytest.raises(ValueError, match="last layer"):
         exit_weights(4, [0, 1, 2], 0.5)

@@ -25,6 +25,19 @@ def _log(out_dir):
     return [json.loads(line) for line in (out_dir / "training_log.jsonl").read_text().splitlines()]
 
 
+def test_explicit_early_exit_weights_reach_the_loss(tiny_ckpt, tiny_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    rc, _, err = _train(capsys, "--model", tiny_ckpt, "--data", tiny_data, "--output-dir", out, "--max-steps", 2,
+                        "--save-steps", 0, "--curriculum", "rotational", "--rotation", 2,
+                        "--early-exit-weights", "0,3,1,2")
+    assert rc == 0, err[-2000:]
+    curriculum = Curriculum("rotational", 4, rotation=2)
+    for r in _log(out):
+        weights = exit_weights(4, curriculum.active(r["step"] - 1), 0.2, [0, 3, 1, 2])
+        assert r["exit_weights"] == pytest.approx({str(l): w for l, w in weights.items()})
+        assert r["loss"] == pytest.approx(sum(weights[int(l)] * v for l, v in r["exit_losses"].items()), rel=1e-5)
+
+
 def test_train_writes_the_log_checkpoints_and_a_loadable_model(tiny_ckpt, tiny_data, tmp_path, capsys):
     out = tmp_path / "run"
     rc, stdout, _ = _train(capsys, "--model", tiny_ckpt, "--data", tiny_data, "--output-dir", out,
@@ -160,6 +173,8 @@ BAD_INPUTS = [  # (d: a scratch dir, c: the tiny checkpoint, data, out) -> argv,
     (lambda d, c, data, out: _std(c, data, out, "--config", (d / "r.yaml").write_text("rotations: 3\n") and d / "r.yaml"),
      "unknown key(s) rotations"),
     (lambda d, c, data, out: _std(c, data, out, "--curriculum", "sideways"), "--curriculum must be one of"),
+    (lambda d, c, data, out: _std(c, data, out, "--early-exit-weights", "1,2"), "expected 4 numbers"),
+    (lambda d, c, data, out: _std(c, data, out, "--early-exit-weights", "1,x,1,1"), "early_exit_weights"),
     (lambda d, c, data, out: _std(c, data, out, "--resume"), "no checkpoint-N directory"),
     (lambda d, c, data, out: _std(c, data, out, "--resume", d), "not a training checkpoint"),
     (lambda d, c, data, out: _std(d / "nowhere", data, out), "no such directory"),

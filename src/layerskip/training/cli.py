@@ -1,4 +1,5 @@
-"""`layerskip train`: argument parsing and printing only; the work is `layerskip.training.trainer.train`.
+"""`layerskip train` and `layerskip selfgen`: argument parsing and printing only; the work is
+`layerskip.training.trainer.train` and `layerskip.training.selfgen`.
 
 Flags override the YAML recipe (--config), which overrides the preset (--preset), which overrides the
 defaults in `TrainConfig`. Every flag defaults to "not given" so that this order holds.
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 
 _EXAMPLES = """examples:
   layerskip train --data src/ --output-dir runs/code --preset code_finetuning --max-steps 200
@@ -17,6 +19,69 @@ _EXAMPLES = """examples:
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
+    _add_selfgen_parser(subparsers)
+    return _add_train_parser(subparsers)
+
+
+def _add_selfgen_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "selfgen",
+        help="write the model's own greedy continuations of code prompts, for self-distillation",
+        description="Cut prompts from code (--data), continue each greedily with the model, and write JSONL "
+        "({\"text\": prompt + continuation}) for `layerskip train --data OUT --early-exit-targets final`: the early "
+        "exits then learn the last layer's predictions on the text decoding meets.",
+        epilog="example:\n  layerskip selfgen --data src/ --limit 4000 --out runs/selfgen.jsonl\n"
+               "  layerskip train --data runs/selfgen.jsonl --early-exit-targets final --curriculum none ...",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--model", help="model spec (dir, hub id, 'default'); default: built-in")
+    p.add_argument("--data", action="append", metavar="PATH", required=True,
+                   help="code file, dir, glob or .jsonl to cut prompts from (repeatable): each function's def line "
+                        "and two more, with 400 characters before it")
+    p.add_argument("--text-field", default="text", help="JSONL field holding the code (default: text)")
+    p.add_argument("--limit", type=int, help="at most this many prompts (a seeded shuffle picks them)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--out", required=True, help="the JSONL to write")
+    p.set_defaults(func=run_selfgen)
+    return p
+
+
+def run_selfgen(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm.auto import tqdm
+
+    from layerskip import models
+    from layerskip.errors import LayerSkipError
+    from layerskip.training.data import documents
+    from layerskip.training.selfgen import greedy_continuations, prompt_budget, prompts_from, write_jsonl
+
+    for name in ("limit", "max_new_tokens", "batch_size", "threads"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise LayerSkipError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    out = Path(args.out)
+    if not out.parent.is_dir():
+        raise LayerSkipError(f"--out {out}: no such directory {out.parent}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    prompts = prompts_from(documents(args.data, args.text_field), args.limit, args.seed)
+    if not prompts:
+        raise LayerSkipError(f"no prompts in --data {' '.join(args.data)} (no functions found)")
+    model, tokenizer = models.load(args.model)
+    if tokenizer is None:
+        raise LayerSkipError(f"--model {args.model}: no tokenizer beside the weights")
+    prompt_budget(model, args.max_new_tokens)
+    with tqdm(total=len(prompts), desc="selfgen", unit="prompt") as bar:
+        n = write_jsonl(greedy_continuations(model, tokenizer, prompts, args.max_new_tokens, args.batch_size,
+                                             progress=bar), out)
+    print(f"wrote {n} continuations ({args.max_new_tokens} tokens each) to {out}")
+    return 0
+
+
+def _add_train_parser(subparsers) -> argparse.ArgumentParser:
     from layerskip.training.config import DTYPES, LR_SCHEDULERS, PRESETS
 
     p = subparsers.add_parser(
@@ -59,6 +124,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--layer-dropout-schedule", metavar="S",
                    help="S(t): constant (default), exponential (from scratch), linear")
     g.add_argument("--early-exit-scale", type=float, metavar="E", help="e_scale in [0, 1] (default: 0.2)")
+    g.add_argument("--early-exit-weights", metavar="W0,..,WL-1",
+                   help="explicit e(l) for every layer, replacing e_scale's formula (e.g. 0,1,1,1,0,0,0,2 to train "
+                        "the exits a drafter uses); normalised over the active exits")
     g.add_argument("--early-exit-targets", metavar="Y",
                    help="what early exits learn: labels (the data; default, as in the paper), final (the last "
                         "layer's own greedy prediction: self-distillation, which is what drafting needs) or "

@@ -56,6 +56,7 @@ class TrainConfig:
     layer_dropout_depth: str = "exponential"  # D(l)
     layer_dropout_schedule: str = "constant"  # S(t)
     early_exit_scale: float = 0.2  # e_scale
+    early_exit_weights: list[float] | None = None  # explicit e(l), one per layer, in place of e_scale's formula
     early_exit_targets: str = "labels"  # what exits before the last learn: "labels" (the data), "final", "final-soft"
     curriculum: str = "rotational"
     rotation: int = 8  # R
@@ -133,6 +134,8 @@ def _coerce(name: str, value: Any) -> Any:
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise LayerSkipError("data: expected a path or a list of paths")
         return [str(v) for v in value]
+    if name == "early_exit_weights":
+        return _weights(value)
     kind = type(default) if default is not None else None
     if name in ("save_total_limit",):
         kind = int
@@ -149,6 +152,21 @@ def _coerce(name: str, value: Any) -> Any:
     if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
         raise LayerSkipError(f"{name}: expected {kind.__name__}, got {value!r}")
     return value
+
+
+def _weights(value: Any) -> list[float] | None:
+    """early_exit_weights from a recipe list or a CLI string "w0,w1,...": numbers >= 0."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = value.replace(",", " ").split()
+    try:
+        weights = [float(v) for v in value]
+    except (TypeError, ValueError):
+        raise LayerSkipError(f"early_exit_weights: expected numbers, one per layer (e.g. 0,1,1,1,0,0,0,2), got {value!r}") from None
+    if not weights or any(not w >= 0 for w in weights) or not weights[-1] > 0:
+        raise LayerSkipError(f"early_exit_weights: expected numbers >= 0 with the last layer's > 0, got {value!r}")
+    return weights
 
 
 def validate(c: TrainConfig) -> None:

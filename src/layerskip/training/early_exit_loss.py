@@ -48,11 +48,25 @@ def exit_scales(num_layers: int, e_scale: float) -> list[float]:
     return scales + [last + e_scale * (last - 1) * last / 2 if last > 0 else 1.0]
 
 
-def exit_weights(num_layers: int, active: list[int], e_scale: float) -> dict[int, float]:
-    """w(t, l) for the active exits: e(l) normalised over them. `active` must contain L-1."""
+def check_scales(scales: list[float], num_layers: int) -> list[float]:
+    """Explicit per-exit scales e(0..L-1): L non-negative numbers, the last one positive."""
+    if len(scales) != num_layers:
+        raise ValueError(f"early-exit weights: expected {num_layers} numbers (one per layer), got {len(scales)}")
+    if any(not w >= 0 for w in scales) or not scales[-1] > 0:
+        raise ValueError("early-exit weights must be >= 0, and the last layer's > 0")
+    return [float(w) for w in scales]
+
+
+def exit_weights(num_layers: int, active: list[int], e_scale: float,
+                 scales: list[float] | None = None) -> dict[int, float]:
+    """w(t, l) for the active exits: e(l) normalised over them. `active` must contain L-1.
+
+    `scales`: explicit e(l) for l = 0..L-1 in place of the paper's formula (e.g. weight on the shallow exits a
+    drafter uses); `e_scale` is then unused.
+    """
     if num_layers - 1 not in active:
         raise ValueError("the last layer must be an active exit")
-    e = exit_scales(num_layers, e_scale)
+    e = exit_scales(num_layers, e_scale) if scales is None else check_scales(scales, num_layers)
     total = sum(e[l] for l in active)
     return {l: e[l] / total for l in sorted(active)}
 

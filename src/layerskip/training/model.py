@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from layerskip.training.curriculum import Curriculum
-from layerskip.training.early_exit_loss import early_exit_loss, exit_weights
+from layerskip.training.early_exit_loss import check_scales, early_exit_loss, exit_weights
 from layerskip.training.layer_dropout import LayerDropout, run_on_rows
 
 
@@ -49,6 +49,7 @@ class LayerSkipModel(nn.Module):
         layer_dropout: the rates p(l, t) and their masks.
         curriculum: C(t, l).
         early_exit_scale: e_scale in [0, 1].
+        early_exit_weights: explicit e(l) for every layer in place of the paper's formula (None: the formula).
         rank: this process's data-parallel rank (seeds its masks; each rank drops its own samples).
         exit_targets: what exits before the last learn while training: "labels" (the data), "final" (the
             last layer's greedy prediction) or "final-soft" (its distribution); see early_exit_loss. Evaluation always scores against the data.
@@ -63,6 +64,7 @@ class LayerSkipModel(nn.Module):
         rank: int = 0,
         chunk_tokens: int | None = None,
         exit_targets: str = "labels",
+        early_exit_weights: list[float] | None = None,
     ):
         super().__init__()
         self.model = causal_lm.model
@@ -78,13 +80,15 @@ class LayerSkipModel(nn.Module):
         self.chunk_tokens = chunk_tokens
         self.exit_targets = exit_targets
         self.num_layers = len(self.model.layers)
+        self.early_exit_weights = None if early_exit_weights is None else check_scales(early_exit_weights, self.num_layers)
         if getattr(self.lm_head, "bias", None) is not None:
             raise ValueError("LM heads with a bias are not supported")
 
     def schedule(self, step: int) -> tuple[list[float], dict[int, float]]:
         """(p(l, t) for every layer, w(t, l) for the active exits) at step t."""
         rates = self.layer_dropout.rates(step)
-        weights = exit_weights(self.num_layers, self.curriculum.active(step), self.early_exit_scale)
+        weights = exit_weights(self.num_layers, self.curriculum.active(step), self.early_exit_scale,
+                               self.early_exit_weights)
         return rates, weights
 
     def forward(

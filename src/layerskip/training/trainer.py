@@ -172,6 +172,9 @@ def train(config: TrainConfig) -> TrainResult:
     max_pos = getattr(lm_config, "max_position_embeddings", None)
     if max_pos is not None and config.seq_len > max_pos:
         raise LayerSkipError(f"--seq-len {config.seq_len} is beyond the model's {max_pos} positions")
+    if config.early_exit_weights is not None and len(config.early_exit_weights) != num_layers:
+        raise LayerSkipError(f"--early-exit-weights: expected {num_layers} numbers (one per layer of this model), "
+                             f"got {len(config.early_exit_weights)}")
     with args.main_process_first(desc="tokenising"):
         train_set, eval_set = build_datasets(
             config.data, tokenizer, config.seq_len, config.eval_fraction, config.seed, config.text_field,
@@ -192,6 +195,7 @@ def train(config: TrainConfig) -> TrainResult:
         config.early_exit_scale,
         rank=args.process_index,
         exit_targets=config.early_exit_targets,
+        early_exit_weights=config.early_exit_weights,
     ).train()
     stats, log = StepStats(), TrainingLog(out)
     logger = StepLogger(stats, model.schedule, log)

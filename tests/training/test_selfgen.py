@@ -1,0 +1,87 @@
+"""`layerskip selfgen`: prompts cut from code, and batched greedy continuations equal to one-by-one decoding."""
+import json
+
+import pytest
+
+from layerskip import generate, models
+from layerskip.cli import main
+from layerskip.training.selfgen import context_prompts, greedy_continuations, prompts_from
+
+CODE = '''import os
+
+
+@cache
+def first(a, b):
+    """Add them.
+
+    Twice."""
+    return a + b
+
+
+def no_doc(x):
+    return x
+
+
+def only_doc():
+    """Nothing after me."""
+
+
+class K:
+    def method(self, y):
+        \'\'\'Scale y.\'\'\'
+        z = y * 2
+        return z
+'''
+
+
+def test_context_prompts_end_two_lines_after_each_def():
+    prompts = context_prompts(CODE, context_chars=10)
+    assert len(prompts) == 4  # first, no_doc, only_doc, method
+    for prompt, end in prompts:
+        assert CODE[:end].endswith(prompt) and len(prompt) <= end
+        assert "def " in prompt and prompt.count("\n") >= 3
+
+
+def test_prompts_from_shuffles_and_limits():
+    docs = [CODE, CODE.replace("first", "second")]
+    every = prompts_from(docs)
+    assert sorted(every) == sorted(p for d in docs for p, _ in context_prompts(d))
+    assert prompts_from(docs, limit=3) == every[:3]
+    assert prompts_from(docs, seed=1) != every and sorted(prompts_from(docs, seed=1)) == sorted(every)
+
+
+def test_batched_continuations_equal_one_by_one_greedy(tiny_ckpt):
+    model, tok = models.load(str(tiny_ckpt))
+    prompts = ["def a(x):\n    ", "class Stack:\n    def push(self, x):\n", "x", "return a + b\n" * 2]
+    got = list(greedy_continuations(model, tok, prompts, max_new_tokens=10, batch_size=3))
+    for prompt, text in zip(prompts, got):
+        ids = tok(prompt)["input_ids"]
+        want = generate(model, ids, max_new_tokens=10, eos_token_id=[], tokenizer=tok)
+        assert text == prompt + want.text
+
+
+def test_selfgen_cli_writes_jsonl(tiny_ckpt, tiny_data, tmp_path, capsys):
+    out = tmp_path / "gen.jsonl"
+    rc = main(["selfgen", "--model", str(tiny_ckpt), "--data", str(tiny_data), "--limit", "5",
+               "--max-new-tokens", "6", "--batch-size", "2", "--out", str(out)])
+    assert rc == 0 and "wrote 5 continuations" in capsys.readouterr().out
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 5 and all("def " in r["text"] for r in rows)
+    assert not list(tmp_path.glob(".*tmp"))
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--data", "{plain}"], "no prompts"),  # a file with no function in it
+    (["--limit", "0"], "--limit must be >= 1"),
+    (["--max-new-tokens", "64"], "leaves no room for a prompt"),
+])
+def test_selfgen_bad_input_is_one_line_and_writes_nothing(tiny_ckpt, tiny_data, tmp_path, capsys, extra, message):
+    out = tmp_path / "gen.jsonl"
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x = 1\n" * 20)
+    extra = [a.format(plain=plain) for a in extra]
+    data = [] if "--data" in extra else ["--data", str(tiny_data)]
+    rc = main(["selfgen", "--model", str(tiny_ckpt), *data, "--out", str(out), *extra])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and message in err[0], err
+    assert not out.exists() and not list(tmp_path.glob(".*tmp"))
