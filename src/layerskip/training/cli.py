@@ -50,23 +50,22 @@ def _add_selfgen_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run_selfgen(args: argparse.Namespace) -> int:
-    import torch
     from tqdm.auto import tqdm
 
     from layerskip import models
+    from layerskip.decoding.cli import _set_threads
     from layerskip.errors import LayerSkipError
     from layerskip.training.data import documents
     from layerskip.training.selfgen import greedy_continuations, prompt_budget, prompts_from, write_jsonl
 
-    for name in ("limit", "max_new_tokens", "batch_size", "threads"):
+    for name in ("limit", "max_new_tokens", "batch_size"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise LayerSkipError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     out = Path(args.out)
     if not out.parent.is_dir():
         raise LayerSkipError(f"--out {out}: no such directory {out.parent}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    _set_threads(args.threads)
     prompts = prompts_from(documents(args.data, args.text_field), args.limit, args.seed)
     if not prompts:
         raise LayerSkipError(f"no prompts in --data {' '.join(args.data)} (no functions found)")

@@ -16,7 +16,7 @@ from typing import Any
 
 from layerskip.errors import LayerSkipError
 from layerskip.training.curriculum import CURRICULA
-from layerskip.training.early_exit_loss import EXIT_TARGETS
+from layerskip.training.early_exit_loss import EXIT_TARGETS, check_scales
 from layerskip.training.layer_dropout import DEPTH_SCALES, TIME_SCALES
 
 PRESETS = ("continual_pretraining", "pretraining_from_scratch", "code_finetuning", "topv2_finetuning")
@@ -164,9 +164,10 @@ def _weights(value: Any) -> list[float] | None:
         weights = [float(v) for v in value]
     except (TypeError, ValueError):
         raise LayerSkipError(f"early_exit_weights: expected numbers, one per layer (e.g. 0,1,1,1,0,0,0,2), got {value!r}") from None
-    if not weights or any(not w >= 0 for w in weights) or not weights[-1] > 0:
-        raise LayerSkipError(f"early_exit_weights: expected numbers >= 0 with the last layer's > 0, got {value!r}")
-    return weights
+    try:
+        return check_scales(weights)
+    except ValueError as e:
+        raise LayerSkipError(f"early_exit_weights: {e}, got {value!r}") from None
 
 
 def validate(c: TrainConfig) -> None:

@@ -48,12 +48,12 @@ def exit_scales(num_layers: int, e_scale: float) -> list[float]:
     return scales + [last + e_scale * (last - 1) * last / 2 if last > 0 else 1.0]
 
 
-def check_scales(scales: list[float], num_layers: int) -> list[float]:
-    """Explicit per-exit scales e(0..L-1): L non-negative numbers, the last one positive."""
-    if len(scales) != num_layers:
-        raise ValueError(f"early-exit weights: expected {num_layers} numbers (one per layer), got {len(scales)}")
-    if any(not w >= 0 for w in scales) or not scales[-1] > 0:
-        raise ValueError("early-exit weights must be >= 0, and the last layer's > 0")
+def check_scales(scales: list[float], num_layers: int | None = None) -> list[float]:
+    """Explicit per-exit scales e(0..L-1): non-negative numbers, the last one positive; L of them, when given."""
+    if num_layers is not None and len(scales) != num_layers:
+        raise ValueError(f"expected {num_layers} numbers (one per layer), got {len(scales)}")
+    if not scales or any(not w >= 0 for w in scales) or not scales[-1] > 0:
+        raise ValueError("every weight must be >= 0, and the last layer's > 0")
     return [float(w) for w in scales]
 
 

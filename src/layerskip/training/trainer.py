@@ -30,6 +30,7 @@ from layerskip.errors import LayerSkipError
 from layerskip.training.config import TrainConfig
 from layerskip.training.curriculum import Curriculum
 from layerskip.training.data import build_datasets
+from layerskip.training.early_exit_loss import check_scales
 from layerskip.training.layer_dropout import LayerDropout
 from layerskip.training.loading import load_config_and_tokenizer, load_weights
 from layerskip.training.model import LayerSkipModel
@@ -172,9 +173,11 @@ def train(config: TrainConfig) -> TrainResult:
     max_pos = getattr(lm_config, "max_position_embeddings", None)
     if max_pos is not None and config.seq_len > max_pos:
         raise LayerSkipError(f"--seq-len {config.seq_len} is beyond the model's {max_pos} positions")
-    if config.early_exit_weights is not None and len(config.early_exit_weights) != num_layers:
-        raise LayerSkipError(f"--early-exit-weights: expected {num_layers} numbers (one per layer of this model), "
-                             f"got {len(config.early_exit_weights)}")
+    if config.early_exit_weights is not None:
+        try:
+            check_scales(config.early_exit_weights, num_layers)
+        except ValueError as e:
+            raise LayerSkipError(f"--early-exit-weights: {e}") from None
     with args.main_process_first(desc="tokenising"):
         train_set, eval_set = build_datasets(
             config.data, tokenizer, config.seq_len, config.eval_fraction, config.seed, config.text_field,
