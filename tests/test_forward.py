@@ -3,20 +3,20 @@ import pytest
 import torch
 
 from layerskip.errors import LayerSkipError
-from layerskip.forward import TUNE_ROWS, LayerStack, matmul
+from layerskip.forward import KERNELS, TUNE_ROWS, LayerStack, PackedWeights, matmul, onednn_available
 from layerskip.models import make_random_model
 
 
-@pytest.mark.parametrize("small_gemm", [False, True])
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("name", ["llama", "llama-tied", "mistral", "qwen2", "qwen3"])
-def test_logits_match_transformers_in_chunks(tiny_models, name, small_gemm):
-    """Prefill 11 tokens, then 1, then 6, through split layer ranges: equals one full forward, with either
+def test_logits_match_transformers_in_chunks(tiny_models, name, kernel):
+    """Prefill 11 tokens, then 1, then 6, through split layer ranges: equals one full forward, with each
     few-row matmul kernel."""
     model = tiny_models[name]
     L = model.config.num_hidden_layers
     ids = torch.randint(0, model.config.vocab_size, (1, 18), generator=torch.Generator().manual_seed(0))
-    stack = LayerStack(model, small_gemm=small_gemm)
-    assert stack.small_gemm == (small_gemm,) * len(TUNE_ROWS) and stack.tune() == stack.small_gemm  # fixed: no tuning
+    stack = LayerStack(model, kernel=kernel)
+    assert stack.kernels == (kernel,) * len(TUNE_ROWS) and stack.tune() == stack.kernels  # fixed: no tuning
     cache = stack.new_cache(32)
     with torch.no_grad():
         ref = model(ids).logits[0]
@@ -80,13 +80,13 @@ def test_cached_stack_does_not_keep_the_model_alive():
 
 
 def test_tune_picks_a_kernel_per_row_count_once(tiny_llama):
-    """`tune` times both kernels and keeps its choice; a tuned stack still matches transformers."""
+    """`tune` times the kernels and keeps its choice; a tuned stack still matches transformers."""
     stack = LayerStack(tiny_llama)
-    assert stack.small_gemm == (True,) * len(TUNE_ROWS) and not stack.tuned  # on CPU, W @ x.T until tuned
+    assert stack.kernels == ("wxt",) * len(TUNE_ROWS) and not stack.tuned  # on CPU, W @ x.T until tuned
     choice = stack.tune(reps=1)
-    assert stack.tuned and choice == stack.small_gemm and all(isinstance(c, bool) for c in choice)
-    stack.small_gemm = (not choice[0], *choice[1:])
-    assert stack.tune() == stack.small_gemm  # not re-timed
+    assert stack.tuned and choice == stack.kernels and all(c in KERNELS for c in choice)
+    stack.kernels = ("linear" if choice[0] != "linear" else "wxt", *choice[1:])
+    assert stack.tune() == stack.kernels  # not re-timed
     ids = torch.randint(0, tiny_llama.config.vocab_size, (1, 7), generator=torch.Generator().manual_seed(3))
     L = tiny_llama.config.num_hidden_layers
     with torch.no_grad():
@@ -98,20 +98,38 @@ def test_tune_picks_a_kernel_per_row_count_once(tiny_llama):
 
 
 def test_each_row_count_uses_its_buckets_kernel(tiny_llama):
-    stack = LayerStack(tiny_llama, small_gemm=False)
-    stack.small_gemm = (True, False, True, False)  # buckets starting at TUNE_ROWS = (1, 2, 4, 8)
+    stack = LayerStack(tiny_llama, kernel="linear")
+    stack.kernels = ("wxt", "linear", "onednn", "linear")  # buckets starting at TUNE_ROWS = (1, 2, 4, 8)
     assert TUNE_ROWS == (1, 2, 4, 8)
-    assert [stack._route(r) for r in range(1, 13)] == [True, False, False, True, True, True, True] + [False] * 5
+    assert [stack._route(r) for r in range(1, 13)] == ["wxt", "linear", "linear"] + ["onednn"] * 4 + ["linear"] * 5
+
+
+def test_unknown_kernel_is_an_error(tiny_llama):
+    with pytest.raises(LayerSkipError, match="unknown matmul kernel"):
+        LayerStack(tiny_llama, kernel="blas")
+
+
+def test_reordered_weights_follow_in_place_changes():
+    """The "onednn" kernel's reordered copy is remade when the weight changes (training between decodes)."""
+    if not onednn_available():
+        pytest.skip("no oneDNN in this torch build")
+    gen = torch.Generator().manual_seed(0)
+    x, w = torch.randn(3, 24, generator=gen), torch.randn(40, 24, generator=gen)
+    packed = PackedWeights()
+    torch.testing.assert_close(matmul(x, w, None, "onednn", packed), x @ w.T)
+    with torch.no_grad():
+        w.mul_(2)
+    torch.testing.assert_close(matmul(x, w, None, "onednn", packed), x @ w.T)
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 12, 13])
-@pytest.mark.parametrize("small_gemm", [False, True])
-def test_matmul_equals_linear_and_is_contiguous(rows, small_gemm):
-    """Either kernel gives F.linear's result in a plain row-major layout: a transposed view would be inherited
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_matmul_equals_linear_and_is_contiguous(rows, kernel):
+    """Each kernel gives F.linear's result in a plain row-major layout: a transposed view would be inherited
     by every op after it (the next matmul and attention over several queries then take much slower paths)."""
     gen = torch.Generator().manual_seed(rows)
     x, w, b = torch.randn(1, rows, 24, generator=gen), torch.randn(40, 24, generator=gen), torch.randn(40, generator=gen)
     for bias in (None, b):
-        y = matmul(x, w, bias, small_gemm)
+        y = matmul(x, w, bias, kernel, PackedWeights())
         torch.testing.assert_close(y, torch.nn.functional.linear(x, w, bias))
         assert y.is_contiguous()

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from layerskip.cache import KVCache
+from layerskip.errors import LayerSkipError
 from layerskip.models import check_supported
 
 
@@ -30,26 +31,67 @@ from layerskip.models import check_supported
 # weights at half the bandwidth of a GEMM computing W @ x.T (2 threads); on another (AVX2, 1 thread, a
 # 47 MB model) x @ W.T was the faster one for every row count; on a third (AMD Zen 4, MKL, the built-in model,
 # whose 47 MB of fp32 weights stream from memory each step) W @ x.T wins up to ~4 rows and x @ W.T from ~5.
-# So `LayerStack.tune` times both on the model itself, once, for each bucket of row counts. Past ~12 rows
-# the usual path wins everywhere. Same arithmetic, another kernel; see docs/benchmarks.md.
+# A third kernel, oneDNN's linear on a copy of the weight reordered for it once (`PackedWeights`), costs
+# nearly the same for 2 rows as for 9 on that Zen 4, where MKL's cost doubles; for one row it is the slowest.
+# So `LayerStack.tune` times the kernels on the model itself, once, for each bucket of row counts. Past ~12
+# rows the usual path wins everywhere. Same arithmetic, another kernel; see docs/benchmarks.md.
+KERNELS = ("linear", "wxt", "onednn")  # F.linear (x @ W.T); W @ x.T; oneDNN on reordered weights
 SMALL_GEMM_MAX_ROWS = 12
 # The row counts `tune` times: a one-token step, and verify passes of a few tokens. Row count r uses the
 # choice made for the largest of these <= r.
 TUNE_ROWS = (1, 2, 4, 8)
 
 
-def linear(x: torch.Tensor, layer: nn.Module, small_gemm: bool) -> torch.Tensor:
-    """layer(x) for x (..., in); on CPU with few rows, through W @ x.T (see above)."""
+def onednn_available() -> bool:
+    """Whether this torch build has oneDNN's CPU linear with reordered weights (the "onednn" kernel)."""
+    ops = torch.ops.mkldnn
+    try:
+        return torch.backends.mkldnn.is_available() and bool(ops._linear_pointwise and ops._reorder_linear_weight)
+    except (AttributeError, RuntimeError):
+        return False
+
+
+class PackedWeights:
+    """Weights reordered for oneDNN's linear, made on first use and remade if the weight changes in place.
+
+    One extra copy of each weight matrix that runs through the "onednn" kernel (float32 CPU weights only).
+    """
+
+    def __init__(self):
+        self._packed: dict[int, tuple[torch.Tensor, int, torch.Tensor]] = {}
+
+    def __call__(self, weight: torch.Tensor) -> torch.Tensor:
+        entry = self._packed.get(id(weight))
+        if entry is None or entry[0] is not weight or entry[1] != _version(weight):
+            packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), SMALL_GEMM_MAX_ROWS)
+            entry = self._packed[id(weight)] = (weight, _version(weight), packed)
+        return entry[2]
+
+    def clear(self) -> None:
+        self._packed.clear()
+
+
+def linear(x: torch.Tensor, layer: nn.Module, kernel: str, packed: PackedWeights | None = None) -> torch.Tensor:
+    """layer(x) for x (..., in); an nn.Linear on CPU with few rows through `kernel` (see above)."""
     if type(layer) is not nn.Linear:
         return layer(x)
-    return matmul(x, layer.weight, layer.bias, small_gemm)
+    return matmul(x, layer.weight, layer.bias, kernel, packed)
 
 
-def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, small_gemm: bool) -> torch.Tensor:
-    """F.linear(x, weight, bias) for x (..., in), weight (out, in); few rows on CPU through W @ x.T."""
+def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, kernel: str,
+           packed: PackedWeights | None = None) -> torch.Tensor:
+    """F.linear(x, weight, bias) for x (..., in), weight (out, in), through `kernel` (KERNELS) for few rows.
+
+    "onednn" needs `packed` (the reordered weights) and a float32 weight; otherwise it falls back to F.linear.
+    """
     rows = x.numel() // x.shape[-1]
-    if not small_gemm or rows > SMALL_GEMM_MAX_ROWS:
+    if kernel == "linear" or rows > SMALL_GEMM_MAX_ROWS:
         return F.linear(x, weight, bias)
+    if kernel == "onednn":
+        if packed is None or weight.dtype != torch.float32 or weight.requires_grad and torch.is_grad_enabled():
+            return F.linear(x, weight, bias)
+        y = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, -1), packed(weight), bias, "none", [], "")
+        return y.reshape(*x.shape[:-1], -1)
     x2 = x.reshape(rows, -1)  # (M, in)
     if rows == 1:
         x2 = torch.cat([x2, x2])  # a 2-column GEMM streams the weight faster than the GEMV
@@ -80,12 +122,14 @@ class LayerStack:
 
     Args:
         model: a loaded supported transformers model (any dtype/device; weights are used in place).
-        small_gemm: route few-row matmuls through W @ x.T (see `matmul`): a bool for every row count, or
-            None: yes on CPU until `tune` has timed both kernels on this model. The choice is kept as one
-            bool per entry of TUNE_ROWS.
+        kernel: the few-row matmul kernel (KERNELS, see `matmul`) for every row count, or None: on CPU,
+            "wxt" until `tune` has timed the kernels on this model. The choice is kept as one kernel per
+            entry of TUNE_ROWS (`kernels`). Off CPU always "linear".
     """
 
-    def __init__(self, model, small_gemm: bool | None = None):
+    def __init__(self, model, kernel: str | None = None):
+        if kernel is not None and kernel not in KERNELS:
+            raise LayerSkipError(f"unknown matmul kernel {kernel!r}; choose from {', '.join(KERNELS)}")
         check_supported(model)
         cfg = model.config
         inner = model.model
@@ -105,9 +149,12 @@ class LayerStack:
         self.max_positions = getattr(cfg, "max_position_embeddings", None)
         self.vocab_size = cfg.vocab_size
         on_cpu = self.device.type == "cpu"
-        # for each bucket of row counts starting at TUNE_ROWS[i]: through W @ x.T?
-        self.small_gemm = (on_cpu if small_gemm is None else small_gemm and on_cpu,) * len(TUNE_ROWS)
-        self.tuned = small_gemm is not None or not on_cpu
+        if not on_cpu or kernel == "onednn" and not onednn_available():
+            kernel = "linear"
+        # the kernel for each bucket of row counts starting at TUNE_ROWS[i]
+        self.kernels = (kernel or "wxt",) * len(TUNE_ROWS)
+        self.tuned = kernel is not None
+        self.packed = PackedWeights()
         self._cos = self._sin = None
         self._sub = None  # (vocab ids, head weight version, head rows, bias rows) of the last draft vocabulary
 
@@ -137,9 +184,9 @@ class LayerStack:
         """
         g = self._route(h.numel() // h.shape[-1])
         if vocab is None:
-            return linear(self.norm(h), self.lm_head, g)
+            return linear(self.norm(h), self.lm_head, g, self.packed)
         weight, bias = self._sub_head(vocab)
-        return matmul(self.norm(h), weight, bias, g)
+        return matmul(self.norm(h), weight, bias, g, self.packed)
 
     def run(self, h: torch.Tensor, start: int, end: int, cache: KVCache, pos: int) -> torch.Tensor:
         """Apply layers [start, end) to h (B, T, H) whose first token is at position `pos`.
@@ -160,52 +207,56 @@ class LayerStack:
             h = h + self._mlp(layer.mlp, layer.post_attention_layernorm(h), g)
         return h
 
-    def tune(self, reps: int = 3) -> tuple[bool, ...]:
-        """Choose the few-row matmul kernel (see `matmul`) by timing both on this model, on this machine.
+    def tune(self, reps: int = 3) -> tuple[str, ...]:
+        """Choose the few-row matmul kernel (see `matmul`) by timing each on this model, on this machine.
 
-        For each row count in TUNE_ROWS, a pass through every layer and the head with each kernel,
-        alternating, `reps` times after one warm-up round; the faster minimum wins. CPU only, once per
-        stack (later calls return the choice): 8 (reps + 1) passes, about two seconds for a 135M model.
-        Returns `small_gemm`: for each bucket of row counts (TUNE_ROWS), through W @ x.T?
+        For each row count in TUNE_ROWS, a pass through every layer and the head with each kernel (KERNELS,
+        "onednn" where available), alternating, `reps` times after one warm-up round; the fastest minimum wins.
+        CPU only, once per stack (later calls return the choice): 12 (reps + 1) passes, a few seconds for a
+        135M model. Reordered weights are dropped afterwards (remade on use, for the layers that need them).
+        Returns `kernels`: the kernel for each bucket of row counts (TUNE_ROWS).
         """
         if self.tuned:
-            return self.small_gemm
+            return self.kernels
+        candidates = [k for k in KERNELS if k != "onednn" or onednn_available() and self.dtype == torch.float32]
         choice = []
         with torch.no_grad():
             for rows in TUNE_ROWS:
                 h = self.embed(torch.zeros(1, rows, dtype=torch.long, device=self.device))
                 cache = self.new_cache(rows)
-                best = {False: float("inf"), True: float("inf")}
+                best = dict.fromkeys(candidates, float("inf"))
                 for rep in range(reps + 1):
-                    for route in (False, True):
-                        self.small_gemm = (route,) * len(TUNE_ROWS)
+                    for kernel in candidates:
+                        self.kernels = (kernel,) * len(TUNE_ROWS)
                         t0 = time.perf_counter()
                         self.logits(self.run(h, 0, self.num_layers, cache, 0))
                         if rep:  # round 0 warms up
-                            best[route] = min(best[route], time.perf_counter() - t0)
-                choice.append(best[True] < best[False])
-        self.small_gemm, self.tuned = tuple(choice), True
-        return self.small_gemm
+                            best[kernel] = min(best[kernel], time.perf_counter() - t0)
+                choice.append(min(candidates, key=best.__getitem__))
+        self.kernels, self.tuned = tuple(choice), True
+        self.packed.clear()
+        return self.kernels
 
     # ---- internals -----------------------------------------------------------------------
-    def _route(self, rows: int) -> bool:
-        """Whether a matmul over `rows` rows goes through W @ x.T (`matmul` itself skips it past SMALL_GEMM_MAX_ROWS)."""
-        choice = self.small_gemm[0]
-        for bucket, route in zip(TUNE_ROWS, self.small_gemm):
+    def _route(self, rows: int) -> str:
+        """The kernel for a matmul over `rows` rows (`matmul` itself takes F.linear past SMALL_GEMM_MAX_ROWS)."""
+        choice = self.kernels[0]
+        for bucket, kernel in zip(TUNE_ROWS, self.kernels):
             if rows >= bucket:
-                choice = route
+                choice = kernel
         return choice
 
     def _mlp(self, mlp, x, g):
         """The gated MLP of the Llama family: down(act(gate(x)) * up(x))."""
-        return linear(mlp.act_fn(linear(x, mlp.gate_proj, g)) * linear(x, mlp.up_proj, g), mlp.down_proj, g)
+        p = self.packed
+        return linear(mlp.act_fn(linear(x, mlp.gate_proj, g, p)) * linear(x, mlp.up_proj, g, p), mlp.down_proj, g, p)
 
     def _attention(self, i, attn, x, cache, pos, cos, sin, mask, g):
         B, T, _ = x.shape
         D = self.head_dim
-        q = linear(x, attn.q_proj, g).view(B, T, -1, D)  # (B, T, Hq, D)
-        k = linear(x, attn.k_proj, g).view(B, T, -1, D)  # (B, T, Hkv, D)
-        v = linear(x, attn.v_proj, g).view(B, T, -1, D).transpose(1, 2)  # (B, Hkv, T, D)
+        q = linear(x, attn.q_proj, g, self.packed).view(B, T, -1, D)  # (B, T, Hq, D)
+        k = linear(x, attn.k_proj, g, self.packed).view(B, T, -1, D)  # (B, T, Hkv, D)
+        v = linear(x, attn.v_proj, g, self.packed).view(B, T, -1, D).transpose(1, 2)  # (B, Hkv, T, D)
         if self.qk_norm:  # Qwen3: RMSNorm over the head dimension before rotary
             q, k = attn.q_norm(q), attn.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, T, D)
@@ -215,7 +266,7 @@ class LayerStack:
         out = F.scaled_dot_product_attention(
             q, keys, values, attn_mask=mask, scale=self.scaling, enable_gqa=self.num_heads != self.num_kv_heads
         )  # (B, Hq, T, D)
-        return linear(out.transpose(1, 2).reshape(B, T, -1), attn.o_proj, g)
+        return linear(out.transpose(1, 2).reshape(B, T, -1), attn.o_proj, g, self.packed)
 
     def _sub_head(self, vocab: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The LM head's rows for `vocab`, gathered once per vocabulary (contiguous, so a draft step

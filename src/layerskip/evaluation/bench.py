@@ -36,6 +36,7 @@ from layerskip.errors import LayerSkipError
 from layerskip.evaluation import cost_model
 from layerskip.evaluation.metrics import truncate_at_stop
 from layerskip.evaluation.tasks import Sample, Task
+from layerskip.forward import TUNE_ROWS
 
 OURS = ("autoregressive", "early_exit", "self_speculative")
 TRANSFORMERS = ("transformers_greedy", "transformers_early_exit")
@@ -363,8 +364,8 @@ def machine_info(model) -> dict:
     }
     if hasattr(os, "getloadavg"):  # other work on the machine skews absolute numbers (ratios less so)
         info["load_average_1min"] = round(os.getloadavg()[0], 2)
-    if model.device.type == "cpu":  # the few-row matmul kernels LayerStack.tune chose: (one row, a few rows)
-        info["small_gemm"] = list(layer_stack(model).tune())
+    if model.device.type == "cpu":  # the few-row matmul kernels LayerStack.tune chose, per bucket of row counts
+        info["matmul_kernels"] = dict(zip(map(str, TUNE_ROWS), layer_stack(model).tune()))
     if model.device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(model.device)
     return info
