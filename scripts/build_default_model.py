@@ -8,9 +8,9 @@ on the machine whose CPU the default (E, d) is chosen for:
            the train split; the model config. Writes under OUT (default runs/default-model).
   train    `layerskip train` twice with the same data and steps: LayerSkip (layer dropout + early-exit
            loss), and a baseline without either (last-layer loss only) for the comparison plot.
-  distill  on-policy self-distillation: `layerskip selfgen` (the model's own greedy continuations of prompts
-           cut from the train split), then `layerskip train --early-exit-targets final` on them (DISTILL_FLAGS
-           below; CPU-sized: about 10 + 18 minutes on 2 cores)
+  distill  on-policy self-distillation in rounds: `layerskip selfgen` (the model's own greedy continuations of
+           prompts cut from the train split), then `layerskip train --early-exit-targets final` on them
+           (DISTILL_FLAGS below; CPU-sized: about 13 + 18 minutes a round on 2 cores, three rounds)
   finish   `layerskip sweep` on held-out prompts picks (E, d); they are stored in config.json under
            "layerskip"; the weights are saved in bfloat16 into src/layerskip/assets/default-model.
 
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -40,7 +41,9 @@ BASELINE_FLAGS = ["--layer-dropout-max", "0", "--early-exit-scale", "0", "--curr
 # Decoding defaults chosen in `finish`: the draft vocabulary's size (the most frequent training tokens), and
 # the confidence thresholds swept with (E, d).
 DRAFT_VOCAB = 1024
-THRESHOLDS = (0.0, 0.3, 0.5, 0.7)
+THRESHOLDS = (0.0, 0.3, 0.5, 0.6, 0.7)
+# held-out completion prompts, by prompt shape: `finish` picks the cell best on both (geometric mean)
+HELDOUT_PROMPTS = {"def": "heldout_prompts.jsonl", "docstring": "heldout_docstring_prompts.jsonl"}
 TRAIN_FLAGS = ["--seq-len", "512", "--lr", "1e-3", "--warmup-steps", "100", "--weight-decay", "0.1",
                "--eval-fraction", "0.02"]
 
@@ -55,7 +58,6 @@ def prepare(out: Path) -> None:
 
     from layerskip.corpus import read_texts, stdlib_files
     from layerskip.tokenizer import train_bpe_tokenizer
-    from layerskip.training.selfgen import context_prompts
 
     out.mkdir(parents=True, exist_ok=True)
     train_files, heldout_files = stdlib_files("train"), stdlib_files("heldout")
@@ -67,19 +69,25 @@ def prepare(out: Path) -> None:
     config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **SHAPE)
     config.save_pretrained(out / "init")
-    # completion prompts from held-out code: a function's signature and first lines, the rest as reference
+    for shape, name in HELDOUT_PROMPTS.items():
+        heldout_prompts(heldout_files, shape, out / name)
+    print(f"prepared {out}: {len(train_files)} train files, {len(heldout_files)} held-out files, vocab {len(tokenizer)}")
+
+
+def heldout_prompts(files, shape: str, path: Path) -> None:
+    """Completion prompts of `shape` (layerskip.training.selfgen.SHAPES) from held-out code, the rest as reference."""
+    from layerskip.corpus import read_texts
+    from layerskip.training.selfgen import context_prompts
+
     per_file = []
-    for text in read_texts(heldout_files):
-        rows = []
-        for prompt, end in context_prompts(text)[:4]:  # a def and two lines, with 400 characters before it
-            rows.append({"prompt": prompt, "reference": text[end:end + 400]})
-        per_file.append(rows)
-    with open(out / "heldout_prompts.jsonl", "w") as f:
+    for text in read_texts(files):
+        per_file.append([{"prompt": prompt, "reference": text[end:end + 400]}
+                         for prompt, end in context_prompts(text, shape=shape)[:4]])
+    with open(path, "w") as f:
         for i in range(4):  # round-robin over files, so the first N prompts come from many modules
             for rows in per_file:
                 if i < len(rows):
                     f.write(json.dumps(rows[i]) + "\n")
-    print(f"prepared {out}: {len(train_files)} train files, {len(heldout_files)} held-out files, vocab {len(tokenizer)}")
 
 
 def train(out: Path, steps: int, batch_size: int, dtype: str, which: list[str]) -> None:
@@ -98,22 +106,42 @@ def train(out: Path, steps: int, batch_size: int, dtype: str, which: list[str]) 
         raise SystemExit(f"training failed: {failed}; see {out}/<name>.log")
 
 
-# On-policy self-distillation (`distill`): `layerskip selfgen` (the trained model's greedy continuations of 4000
-# prompts cut from the train split), then `layerskip train` on them with every exit distilled from the last layer
-# and the weight on the exits a drafter uses (after 2 to 4 layers). A second round (fresh prompts from the
-# distilled model, plus a third of the train split as real code) moved neither the exits nor the perplexity.
+# On-policy self-distillation (`distill`), in rounds, each from the previous round's model: `layerskip selfgen`
+# (the model's greedy continuations of 4000 prompts cut from the train split), then `layerskip train` on them with
+# every exit distilled from the last layer and the weight on the exits a drafter uses (after 2 to 4 layers).
+# Round 1 cuts `def` prompts (a def line and two more); the later rounds cut `docstring` prompts (a def line and its
+# docstring, a HumanEval prompt's shape), each with a fresh shuffle, and mix in a different 2000 of round 1's texts.
+# (A second `def` round, with a third of the train split as real code, moved neither the exits nor the perplexity.)
 DISTILL_FLAGS = ["--max-steps", "300", "--batch-size", "8", "--seq-len", "512", "--lr", "1e-4", "--warmup-steps", "20",
                  "--layer-dropout-max", "0", "--curriculum", "none", "--early-exit-targets", "final",
                  "--early-exit-weights", "0,1,2,2,1,0.5,0.5,3", "--save-steps", "100", "--eval-fraction", "0.02"]
 DISTILL_PROMPTS, DISTILL_NEW_TOKENS = 4000, 128
+DOCSTRING_ROUNDS, MIX_ROUND1 = 2, 2000  # docstring rounds after round 1; round 1 texts mixed into each
 
 
 def distill(out: Path, dtype: str) -> None:
-    """On-policy self-distillation of out/layerskip into out/distilled."""
-    sh(sys.executable, "-m", "layerskip", "selfgen", "--model", out / "layerskip", "--data", out / "train.jsonl",
-       "--limit", DISTILL_PROMPTS, "--max-new-tokens", DISTILL_NEW_TOKENS, "--batch-size", 48, "--out", out / "selfgen.jsonl")
-    sh(sys.executable, "-m", "layerskip", "train", "--model", out / "layerskip", "--data", out / "selfgen.jsonl",
-       "--output-dir", out / "distilled", "--dtype", dtype, *DISTILL_FLAGS)
+    """On-policy self-distillation of out/layerskip into out/distilled (rounds: out/distilled-1, -2, ...)."""
+    def selfgen(model: Path, data: Path, *extra) -> None:
+        sh(sys.executable, "-m", "layerskip", "selfgen", "--model", model, "--data", out / "train.jsonl",
+           "--limit", DISTILL_PROMPTS, "--max-new-tokens", DISTILL_NEW_TOKENS, "--batch-size", 48, "--out", data, *extra)
+
+    def train_round(model: Path, data: Path, n: int) -> Path:
+        sh(sys.executable, "-m", "layerskip", "train", "--model", model, "--data", data,
+           "--output-dir", out / f"distilled-{n}", "--dtype", dtype, *DISTILL_FLAGS)
+        return out / f"distilled-{n}"
+
+    round1 = out / "selfgen.jsonl"
+    selfgen(out / "layerskip", round1)
+    model = train_round(out / "layerskip", round1, 1)
+    first = round1.read_text().splitlines(keepends=True)
+    for n in range(2, 2 + DOCSTRING_ROUNDS):
+        data = out / f"selfgen-docstring-{n}.jsonl"
+        selfgen(model, data, "--prompt-shape", "docstring", "--seed", n - 2)
+        mix = out / f"distill-{n}.jsonl"
+        mix.write_text(data.read_text() + "".join(first[(n - 2) * MIX_ROUND1:(n - 1) * MIX_ROUND1]))
+        model = train_round(model, mix, n)
+    shutil.rmtree(out / "distilled", ignore_errors=True)
+    shutil.copytree(model, out / "distilled", ignore=shutil.ignore_patterns("checkpoint-*"))
 
 
 def finish(out: Path, limit: int) -> None:
@@ -138,15 +166,21 @@ def finish(out: Path, limit: int) -> None:
     model.save_pretrained(tmp_model)
     tokenizer.save_pretrained(tmp_model)
     # (E, d, C) by replaying the model's own greedy decodes of held-out prompts through every cell's rounds, costed
-    # with step times measured here (`layerskip sweep --replay`); the fastest predicted cell wins
-    sweep = out / "sweep-replay"
-    sh(sys.executable, "-m", "layerskip", "sweep", "--model", tmp_model, "--task",
-       f"jsonl:{out / 'heldout_prompts.jsonl'}", "--limit", str(limit), "--exit-layers", "2:7:1",
-       "--num-speculations", "2,3,4,6,8", "--replay", ",".join(f"{t:g}" for t in THRESHOLDS),
-       "--max-new-tokens", "128", "--threads", "1", "--out", sweep)
-    rows = [dict(r, speedup=r["predicted_speedup"], confidence_threshold=float(r["confidence_threshold"]))
-            for r in csv_rows(sweep / "replay.csv")]
-    best = max(rows, key=lambda r: float(r["speedup"]))
+    # with step times measured here (`layerskip sweep --replay`), for each prompt shape; the cell with the best
+    # geometric mean of the predicted speedups wins
+    scores: dict[tuple, list[float]] = {}
+    for shape, name in HELDOUT_PROMPTS.items():
+        sweep = out / f"sweep-replay-{shape}"
+        sh(sys.executable, "-m", "layerskip", "sweep", "--model", tmp_model, "--task", f"jsonl:{out / name}",
+           "--limit", str(limit), "--exit-layers", "2:7:1", "--num-speculations", "2,3,4,6,8",
+           "--replay", ",".join(f"{t:g}" for t in THRESHOLDS), "--max-new-tokens", "128", "--threads", "1",
+           "--out", sweep)
+        for r in csv_rows(sweep / "replay.csv"):
+            cell = (int(r["exit_layer"]), int(r["num_speculations"]), float(r["confidence_threshold"]))
+            scores.setdefault(cell, []).append(float(r["predicted_speedup"]))
+    cells = {cell: math.prod(v) ** (1 / len(v)) for cell, v in scores.items() if len(v) == len(HELDOUT_PROMPTS)}
+    (E, d, C), speedup = max(cells.items(), key=lambda kv: kv[1])
+    best = {"exit_layer": E, "num_speculations": d, "confidence_threshold": C, "speedup": speedup}
     model.config.layerskip = {"trained": True, "exit_layer": int(best["exit_layer"]),
                               "num_speculations": int(best["num_speculations"]),
                               "confidence_threshold": best["confidence_threshold"],

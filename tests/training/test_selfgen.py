@@ -5,6 +5,7 @@ import pytest
 
 from layerskip import generate, models
 from layerskip.cli import main
+from layerskip.errors import LayerSkipError
 from layerskip.training.selfgen import context_prompts, greedy_continuations, prompts_from
 
 CODE = '''import os
@@ -42,12 +43,35 @@ def test_context_prompts_end_two_lines_after_each_def():
         assert "def " in prompt and prompt.count("\n") >= 3
 
 
+def test_docstring_prompts_end_at_each_closing_quotes():
+    prompts = context_prompts(CODE, context_chars=10, shape="docstring")
+    # first's two-line docstring and only_doc's one-liner; no_doc has none, method's uses single quotes
+    assert [p[p.index("def "):] for p, _ in prompts] == [
+        'def first(a, b):\n    """Add them.\n\n    Twice."""',
+        'def only_doc():\n    """Nothing after me."""',
+    ]
+    for prompt, end in prompts:
+        assert CODE[:end].endswith(prompt) and CODE[end] == "\n"  # a HumanEval prompt's shape: no trailing newline
+
+
+def test_a_def_line_past_a_docstring_does_not_reach_into_the_next_function():
+    code = 'def a():\n    return 1\n\n\ndef b():\n    """B."""\n'
+    assert [p for p, _ in context_prompts(code, context_chars=0, shape="docstring")] == ['def b():\n    """B."""']
+
+
+def test_unknown_prompt_shape_is_an_error():
+    with pytest.raises(LayerSkipError, match="unknown prompt shape"):
+        context_prompts(CODE, shape="class")
+
+
 def test_prompts_from_shuffles_and_limits():
     docs = [CODE, CODE.replace("first", "second")]
     every = prompts_from(docs)
     assert sorted(every) == sorted(p for d in docs for p, _ in context_prompts(d))
     assert prompts_from(docs, limit=3) == every[:3]
     assert prompts_from(docs, seed=1) != every and sorted(prompts_from(docs, seed=1)) == sorted(every)
+    docstrings = prompts_from(docs, shape="docstring")
+    assert sorted(docstrings) == sorted(p for d in docs for p, _ in context_prompts(d, shape="docstring"))
 
 
 def test_batched_continuations_equal_one_by_one_greedy(tiny_ckpt):
@@ -68,6 +92,18 @@ def test_selfgen_cli_writes_jsonl(tiny_ckpt, tiny_data, tmp_path, capsys):
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 5 and all("def " in r["text"] for r in rows)
     assert not list(tmp_path.glob(".*tmp"))
+
+
+def test_selfgen_cli_docstring_prompts(tiny_ckpt, tmp_path):
+    code = tmp_path / "code.py"
+    code.write_text(CODE)
+    out = tmp_path / "gen.jsonl"
+    rc = main(["selfgen", "--model", str(tiny_ckpt), "--data", str(code), "--prompt-shape", "docstring",
+               "--max-new-tokens", "6", "--out", str(out)])
+    rows = [json.loads(line)["text"] for line in out.read_text().splitlines()]
+    assert rc == 0 and len(rows) == 2  # first and only_doc: the functions with a docstring
+    prompts = [p for p, _ in context_prompts(CODE, shape="docstring")]
+    assert sorted(max((p for p in prompts if r.startswith(p)), key=len) for r in rows) == sorted(prompts)
 
 
 @pytest.mark.parametrize("extra,message", [

@@ -24,6 +24,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _add_selfgen_parser(subparsers) -> argparse.ArgumentParser:
+    from layerskip.training.selfgen import SHAPES
+
     p = subparsers.add_parser(
         "selfgen",
         help="write the model's own greedy continuations of code prompts, for self-distillation",
@@ -41,6 +43,9 @@ def _add_selfgen_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--text-field", default="text", help="JSONL field holding the code (default: text)")
     p.add_argument("--limit", type=int, help="at most this many prompts (a seeded shuffle picks them)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prompt-shape", choices=sorted(SHAPES), default="def",
+                   help="def: a function's def line and two more; docstring: its def line and docstring, the shape "
+                   "of a HumanEval prompt (default: def)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
@@ -66,7 +71,7 @@ def run_selfgen(args: argparse.Namespace) -> int:
     if not out.parent.is_dir():
         raise LayerSkipError(f"--out {out}: no such directory {out.parent}")
     _set_threads(args.threads)
-    prompts = prompts_from(documents(args.data, args.text_field), args.limit, args.seed)
+    prompts = prompts_from(documents(args.data, args.text_field), args.limit, args.seed, args.prompt_shape)
     if not prompts:
         raise LayerSkipError(f"no prompts in --data {' '.join(args.data)} (no functions found)")
     model, tokenizer = models.load(args.model)

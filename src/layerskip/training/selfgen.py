@@ -8,10 +8,15 @@ such a JSONL ({"text": prompt + continuation} per line); `layerskip train --data
 then trains the exits on it. On the greedy part the data's next token is the last layer's own argmax (that is
 how greedy text is made), so the last layer's loss there mostly sharpens what it already predicts.
 
-Prompts, cut from each document (a code file): each function's `def` line and the two lines after it, with up to
-400 characters before it. (Prompts that end right after a docstring's closing line were tried and taught the
-model to close the function at once: after a lone newline token the body's indentation is an unusual token, so
-greedy text there starts a new `def`, and training on it spread that to every such prompt.)
+Prompts, cut from each document (a code file), in one of two shapes (`SHAPES`):
+  def        each function's `def` line and the two lines after it;
+  docstring  each function's `def` line and its docstring, ending at the closing quotes: the shape of a HumanEval
+             prompt (stripped of trailing whitespace, as the benchmark strips it), whose greedy continuation is
+             the function's body.
+Either with up to 400 characters before it. (Prompts that end in a newline after the docstring teach the wrong
+thing: byte-level BPE merges a newline with the next line's indentation, so a lone newline token is a boundary
+the model rarely saw, greedy text there starts a new `def`, and training on it taught the model to close every
+function at once.)
 """
 from __future__ import annotations
 
@@ -27,19 +32,26 @@ import torch
 from layerskip.errors import LayerSkipError
 
 CONTEXT_CHARS = 400
-_DEF = re.compile(r"(?m)^(    )?def \w+\(.*\n(?:.*\n){2}")
+SHAPES = {
+    # the `def` line and two more lines
+    "def": re.compile(r"(?m)^(    )?def \w+\(.*\n(?:.*\n){2}"),
+    # a one-line `def` and its triple-quoted docstring (at most 1500 characters), up to the closing quotes
+    "docstring": re.compile(r'(?m)^(    )?def \w+\(.*:\n[ \t]+[rRuU]?"""(?:(?!""")[\s\S]){0,1500}?"""'),
+}
 
 
-def context_prompts(text: str, context_chars: int = CONTEXT_CHARS) -> list[tuple[str, int]]:
-    """(prompt, end offset in text) per function start: the `def` line and two more, `context_chars` before it."""
-    return [(text[max(0, m.start() - context_chars):m.end()], m.end()) for m in _DEF.finditer(text)]
+def context_prompts(text: str, context_chars: int = CONTEXT_CHARS, shape: str = "def") -> list[tuple[str, int]]:
+    """(prompt, end offset in text) per function: its prompt of `shape` (SHAPES), `context_chars` before it."""
+    if shape not in SHAPES:
+        raise LayerSkipError(f"unknown prompt shape {shape!r}; choose from {', '.join(SHAPES)}")
+    return [(text[max(0, m.start() - context_chars):m.end()], m.end()) for m in SHAPES[shape].finditer(text)]
 
 
-def prompts_from(documents: Iterable[str], limit: int | None = None, seed: int = 0) -> list[str]:
-    """Every function-start prompt in the documents, shuffled with `seed`, the first `limit` of them."""
+def prompts_from(documents: Iterable[str], limit: int | None = None, seed: int = 0, shape: str = "def") -> list[str]:
+    """Every function's prompt of `shape` in the documents, shuffled with `seed`, the first `limit` of them."""
     prompts = []
     for text in documents:
-        prompts += [p for p, _ in context_prompts(text)]
+        prompts += [p for p, _ in context_prompts(text, shape=shape)]
     random.Random(seed).shuffle(prompts)
     return prompts[:limit] if limit is not None else prompts
 
