@@ -91,7 +91,7 @@ def test_selfgen_cli_writes_jsonl(tiny_ckpt, tiny_data, tmp_path, capsys):
     assert rc == 0 and "wrote 5 continuations" in capsys.readouterr().out
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 5 and all("def " in r["text"] for r in rows)
-    assert not list(tmp_path.glob(".*tmp"))
+    assert not list(tmp_path.glob(".*tmp*"))
 
 
 def test_selfgen_cli_docstring_prompts(tiny_ckpt, tmp_path):
@@ -120,4 +120,18 @@ def test_selfgen_bad_input_is_one_line_and_writes_nothing(tiny_ckpt, tiny_data, 
     rc = main(["selfgen", "--model", str(tiny_ckpt), *data, "--out", str(out), *extra])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and message in err[0], err
-    assert not out.exists() and not list(tmp_path.glob(".*tmp"))
+    assert not out.exists() and not list(tmp_path.glob(".*tmp*"))
+
+
+def test_write_jsonl_interrupted_leaves_no_file(tmp_path):
+    from layerskip.training.selfgen import write_jsonl
+
+    def texts():
+        yield "a"
+        raise KeyboardInterrupt
+
+    out = tmp_path / "gen.jsonl"
+    with pytest.raises(KeyboardInterrupt):
+        write_jsonl(texts(), out)
+    assert not out.exists() and not list(tmp_path.iterdir())
+    assert write_jsonl(["x", "y"], out) == 2 and out.read_text() == '{"text": "x"}\n{"text": "y"}\n'

@@ -21,7 +21,6 @@ function at once.)
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 from pathlib import Path
@@ -30,6 +29,7 @@ from typing import Iterable
 import torch
 
 from layerskip.errors import LayerSkipError
+from layerskip.evaluation.io import atomic_path
 
 CONTEXT_CHARS = 400
 SHAPES = {
@@ -99,16 +99,10 @@ def _continuations(model, tokenizer, prompts, max_new_tokens, batch_size, max_pr
 
 
 def write_jsonl(texts: Iterable[str], path: str | Path) -> int:
-    """Write {"text": t} lines to a temp file beside `path`, then rename: no half-written file. Returns the count."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
+    """Write {"text": t} lines through a temp file beside `path`, then rename: no half-written file. Returns the count."""
     n = 0
-    try:
-        with open(tmp, "w") as f:
-            for text in texts:
-                f.write(json.dumps({"text": text}) + "\n")
-                n += 1
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        for text in texts:
+            f.write(json.dumps({"text": text}) + "\n")
+            n += 1
     return n
