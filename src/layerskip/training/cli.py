@@ -38,8 +38,8 @@ def _add_selfgen_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument("--model", help="model spec (dir, hub id, 'default'); default: built-in")
     p.add_argument("--data", action="append", metavar="PATH", required=True,
-                   help="code file, dir, glob or .jsonl to cut prompts from (repeatable): each function's def line "
-                        "and two more, with 400 characters before it")
+                   help="code file, dir, glob or .jsonl to cut prompts from (repeatable): one per function, in the "
+                        "--prompt-shape, with 400 characters before it")
     p.add_argument("--text-field", default="text", help="JSONL field holding the code (default: text)")
     p.add_argument("--limit", type=int, help="at most this many prompts (a seeded shuffle picks them)")
     p.add_argument("--seed", type=int, default=0)
