@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from layerskip.errors import LayerSkipError
-from layerskip.evaluation import io, plots
+from layerskip import files as io
+from layerskip.evaluation import plots
 
 FIELDS = ["model", "layer", "agreement", "perplexity", "accuracy", "num_tokens"]
 

@@ -112,7 +112,7 @@ def _positive(value, flag):
 
 
 def cmd_bench(args) -> int:
-    from layerskip.evaluation import io
+    from layerskip import files as io
     from layerskip.evaluation.bench import format_table, parse_strategies, run_bench
     from layerskip.evaluation.tasks import load_task
 
@@ -168,7 +168,8 @@ def _replay(args, task, exit_layers, specs) -> int:
     from pathlib import Path
 
     from layerskip.decoding.api import resolve_confidence_threshold
-    from layerskip.evaluation import io, plots
+    from layerskip import files as io
+    from layerskip.evaluation import plots
     from layerskip.evaluation.replay import FIELDS, replay_grid
     from layerskip.evaluation.sweep import check_grid
 

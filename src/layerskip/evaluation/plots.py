@@ -9,7 +9,7 @@ import math
 import textwrap
 from pathlib import Path
 
-from layerskip.evaluation.io import save_figure
+from layerskip.files import save_figure
 
 
 def _pyplot():

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Callable
 
 from layerskip.errors import LayerSkipError
-from layerskip.evaluation import io, plots
+from layerskip import files as io
+from layerskip.evaluation import plots
 from layerskip.evaluation.bench import run_bench
 from layerskip.evaluation.tasks import Task
 

@@ -29,7 +29,7 @@ from typing import Iterable
 import torch
 
 from layerskip.errors import LayerSkipError
-from layerskip.evaluation.io import atomic_path
+from layerskip.files import atomic_path
 
 CONTEXT_CHARS = 400
 SHAPES = {
