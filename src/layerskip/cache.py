@@ -59,5 +59,16 @@ class KVCache:
         """Roll back: keep only positions [0, length) valid in every layer."""
         self.valid = [min(v, length) for v in self.valid]
 
+    def snapshot(self) -> list[int]:
+        """Each layer's valid length now, for `restore`."""
+        return list(self.valid)
+
+    def restore(self, valid: list[int]) -> None:
+        """Set each layer's valid length back to a `snapshot`. Sound only while nothing before those lengths
+        was overwritten since (the cost model times one piece of a round again and again from one state)."""
+        if len(valid) != self.num_layers:
+            raise ValueError(f"restore: {len(valid)} lengths for {self.num_layers} layers")
+        self.valid = list(valid)
+
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)

@@ -5,20 +5,20 @@ registers a parser whose `func(args) -> int` does the work:
   generate, demo        layerskip.decoding.cli
   bench, sweep, analyze layerskip.evaluation.cli
   train, selfgen        layerskip.training.cli
+A user mistake (LayerSkipError) is one line on stderr and exit code 2; an option that has no effect
+(LayerSkipWarning) is one warning line on stderr.
 """
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
+import warnings
 
+from layerskip.decoding import cli as decoding_cli
+from layerskip.decoding.config import LayerSkipWarning
 from layerskip.errors import LayerSkipError
-
-_COMMAND_MODULES = (
-    "layerskip.decoding.cli",
-    "layerskip.evaluation.cli",
-    "layerskip.training.cli",
-)
+from layerskip.evaluation import cli as evaluation_cli
+from layerskip.training import cli as training_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,15 +27,19 @@ def build_parser() -> argparse.ArgumentParser:
         description="LayerSkip: early-exit training and self-speculative decoding for transformers models.",
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in _COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as e:  # a command group not built yet
-            if e.name != name:
-                raise
-            continue
+    for module in (decoding_cli, evaluation_cli, training_cli):
         module.add_parser(subparsers)
     return parser
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None):
+    if issubclass(category, LayerSkipWarning):
+        print(f"layerskip: warning: {message}", file=file or sys.stderr)
+    else:
+        _default_showwarning(message, category, filename, lineno, file, line)
+
+
+_default_showwarning = warnings.showwarning
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,14 +48,17 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    try:
-        return int(args.func(args) or 0)
-    except LayerSkipError as e:
-        print(f"layerskip: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("layerskip: interrupted", file=sys.stderr)
-        return 130
+    with warnings.catch_warnings():
+        warnings.showwarning = _one_line_warning
+        warnings.simplefilter("always", LayerSkipWarning)
+        try:
+            return int(args.func(args) or 0)
+        except LayerSkipError as e:
+            print(f"layerskip: error: {e}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("layerskip: interrupted", file=sys.stderr)
+            return 130
 
 
 if __name__ == "__main__":

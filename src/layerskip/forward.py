@@ -10,97 +10,22 @@ model's own forward for every supported architecture.
 
 Terminology: the model has L decoder layers 0..L-1. `run(h, a, b, ...)` applies layers [a, b).
 "Exit layer E" is the hidden state after the first E layers, i.e. `run(h, 0, E)`; `logits(h)`
-applies the final norm and LM head to any layer's output.
+applies the final norm and LM head to any layer's output: `exit_logits`, the one definition of an exit's
+logits, which decoding, the training loss, analysis and replay all use.
+
+This module is the engine's leaf: it imports only the cache, the kernels and the architecture facts, never the
+model resolver, decoding, training or evaluation. Few-row CPU matmul kernels and their tuning: kernels.py.
 """
 from __future__ import annotations
-
-import time
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from layerskip.architectures import check_supported, sliding_windows
 from layerskip.cache import KVCache
-from layerskip.errors import LayerSkipError
-from layerskip.models import check_supported
-
-
-# Few-row matmuls on CPU. Decoding multiplies 1 to ~12 rows by weight matrices. Which kernel is faster
-# for that depends on the CPU, the thread count and the matrices, by up to 2x either way: on one machine
-# MKL's path for x @ W.T (a GEMV for one row, a GEMM that repacks W for a few rows) streamed 400 MB of
-# weights at half the bandwidth of a GEMM computing W @ x.T (2 threads); on another (AVX2, 1 thread, a
-# 47 MB model) x @ W.T was the faster one for every row count; on a third (AMD Zen 4, MKL, the built-in model,
-# whose 47 MB of fp32 weights stream from memory each step) W @ x.T wins up to ~4 rows and x @ W.T from ~5.
-# A third kernel, oneDNN's linear on a copy of the weight reordered for it once (`PackedWeights`), costs
-# nearly the same for 2 rows as for 9 on that Zen 4, where MKL's cost doubles; for one row it is the slowest.
-# So `LayerStack.tune` times the kernels on the model itself, once, for each bucket of row counts. Past ~12
-# rows the usual path wins everywhere. Same arithmetic, another kernel; see docs/benchmarks.md.
-KERNELS = ("linear", "wxt", "onednn")  # F.linear (x @ W.T); W @ x.T; oneDNN on reordered weights
-SMALL_GEMM_MAX_ROWS = 12
-# The row counts `tune` times: a one-token step, and verify passes of a few tokens. Row count r uses the
-# choice made for the largest of these <= r.
-TUNE_ROWS = (1, 2, 4, 8)
-
-
-def onednn_available() -> bool:
-    """Whether this torch build has oneDNN's CPU linear with reordered weights (the "onednn" kernel)."""
-    ops = torch.ops.mkldnn
-    try:
-        return torch.backends.mkldnn.is_available() and bool(ops._linear_pointwise and ops._reorder_linear_weight)
-    except (AttributeError, RuntimeError):
-        return False
-
-
-class PackedWeights:
-    """Weights reordered for oneDNN's linear, made on first use and remade if the weight changes in place.
-
-    One extra copy of each weight matrix that runs through the "onednn" kernel (float32 CPU weights only).
-    """
-
-    def __init__(self):
-        self._packed: dict[int, tuple[torch.Tensor, int, torch.Tensor]] = {}
-
-    def __call__(self, weight: torch.Tensor) -> torch.Tensor:
-        entry = self._packed.get(id(weight))
-        if entry is None or entry[0] is not weight or entry[1] != _version(weight):
-            packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), SMALL_GEMM_MAX_ROWS)
-            entry = self._packed[id(weight)] = (weight, _version(weight), packed)
-        return entry[2]
-
-    def clear(self) -> None:
-        self._packed.clear()
-
-
-def linear(x: torch.Tensor, layer: nn.Module, kernel: str, packed: PackedWeights | None = None) -> torch.Tensor:
-    """layer(x) for x (..., in); an nn.Linear on CPU with few rows through `kernel` (see above)."""
-    if type(layer) is not nn.Linear:
-        return layer(x)
-    return matmul(x, layer.weight, layer.bias, kernel, packed)
-
-
-def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, kernel: str,
-           packed: PackedWeights | None = None) -> torch.Tensor:
-    """F.linear(x, weight, bias) for x (..., in), weight (out, in), through `kernel` (KERNELS) for few rows.
-
-    "onednn" needs `packed` (the reordered weights) and a float32 weight; otherwise it falls back to F.linear.
-    """
-    rows = x.numel() // x.shape[-1]
-    if kernel == "linear" or rows > SMALL_GEMM_MAX_ROWS:
-        return F.linear(x, weight, bias)
-    if kernel == "onednn":
-        if packed is None or weight.dtype != torch.float32 or weight.requires_grad and torch.is_grad_enabled():
-            return F.linear(x, weight, bias)
-        y = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, -1), packed(weight), bias, "none", [], "")
-        return y.reshape(*x.shape[:-1], -1)
-    x2 = x.reshape(rows, -1)  # (M, in)
-    if rows == 1:
-        x2 = torch.cat([x2, x2])  # a 2-column GEMM streams the weight faster than the GEMV
-    # contiguous: left as the transposed view, everything downstream inherits a rows-innermost layout, which
-    # sends the next W @ x.T down a 4x slower MKL path and CPU attention over several queries off its flash kernel
-    y = (weight @ x2.T).T[:rows].contiguous()  # (M, out)
-    if bias is not None:
-        y = y + bias
-    return y.reshape(*x.shape[:-1], -1)
+from layerskip.kernels import (TUNE_ROWS, PackedWeights, check_kernel, linear, matmul, onednn_available, route,
+                               version)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -108,13 +33,15 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def _sliding_windows(config, num_layers: int) -> list[int | None]:
-    """Per-layer sliding window (None = full attention), following each architecture's config."""
-    window = getattr(config, "sliding_window", None)
-    layer_types = getattr(config, "layer_types", None)
-    if layer_types is not None:  # Qwen2 / Qwen3 style: per-layer types
-        return [window if t == "sliding_attention" else None for t in layer_types[:num_layers]]
-    return [window] * num_layers  # Mistral style: one window for all layers (None = off)
+def exit_logits(h: torch.Tensor, norm: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                mm=F.linear) -> torch.Tensor:
+    """The logits of an exit: the model's final norm, then its LM head (`weight` (V, H), `bias` (V,) or None).
+
+    h is any layer's output (..., H) -> (..., V). `mm(x, weight, bias)` is the matmul (default F.linear; the
+    engine passes its few-row kernel, the training loss its own chunked one). LayerSkip §4.1: every exit shares
+    the final norm and head, so an early exit is exactly this function applied to an earlier hidden state.
+    """
+    return mm(norm(h), weight, bias)
 
 
 class LayerStack:
@@ -122,15 +49,16 @@ class LayerStack:
 
     Args:
         model: a loaded supported transformers model (any dtype/device; weights are used in place).
-        kernel: the few-row matmul kernel (KERNELS, see `matmul`) for every row count, or None: on CPU,
-            "wxt" until `tune` has timed the kernels on this model. The choice is kept as one kernel per
-            entry of TUNE_ROWS (`kernels`). Off CPU always "linear".
+        kernel: the few-row matmul kernel (kernels.KERNELS) for every row count, or None: on CPU "wxt" until
+            `kernels.tune(stack)` times them on this model. The choice is one kernel per entry of TUNE_ROWS
+            (`kernels`). Off CPU always "linear".
     """
 
     def __init__(self, model, kernel: str | None = None):
-        if kernel is not None and kernel not in KERNELS:
-            raise LayerSkipError(f"unknown matmul kernel {kernel!r}; choose from {', '.join(KERNELS)}")
+        if kernel is not None:
+            check_kernel(kernel)
         check_supported(model)
+        self.model = model
         cfg = model.config
         inner = model.model
         self.embed_tokens = inner.embed_tokens
@@ -145,15 +73,13 @@ class LayerStack:
         self.num_kv_heads = cfg.num_key_value_heads
         self.scaling = attn.scaling
         self.qk_norm = hasattr(attn, "q_norm")
-        self.windows = _sliding_windows(cfg, self.num_layers)
+        self.windows = sliding_windows(cfg, self.num_layers)
         self.max_positions = getattr(cfg, "max_position_embeddings", None)
         self.vocab_size = cfg.vocab_size
-        on_cpu = self.device.type == "cpu"
-        if not on_cpu or kernel == "onednn" and not onednn_available():
+        if self.device.type != "cpu" or kernel == "onednn" and not onednn_available():
             kernel = "linear"
-        # the kernel for each bucket of row counts starting at TUNE_ROWS[i]
-        self.kernels = (kernel or "wxt",) * len(TUNE_ROWS)
-        self.tuned = kernel is not None
+        # the kernel for each bucket of row counts starting at TUNE_ROWS[i] (kernels.tune sets it)
+        self.kernels: tuple[str, ...] = (kernel or "wxt",) * len(TUNE_ROWS)
         self.packed = PackedWeights()
         self._cos = self._sin = None
         self._sub = None  # (vocab ids, head weight version, head rows, bias rows) of the last draft vocabulary
@@ -182,11 +108,10 @@ class LayerStack:
         With `vocab` (a 1-D LongTensor of token ids), only those rows of the head: (..., len(vocab)),
         column j scoring token vocab[j]. Drafting uses it to skip most of a large head.
         """
-        g = self._route(h.numel() // h.shape[-1])
-        if vocab is None:
-            return linear(self.norm(h), self.lm_head, g, self.packed)
-        weight, bias = self._sub_head(vocab)
-        return matmul(self.norm(h), weight, bias, g, self.packed)
+        kernel = route(self.kernels, h.numel() // h.shape[-1])
+        weight, bias = (self.lm_head.weight, self.lm_head.bias) if vocab is None else self._sub_head(vocab)
+        return exit_logits(h, self.norm, weight, bias,
+                           lambda x, w, b: matmul(x, w, b, kernel, self.packed))
 
     def run(self, h: torch.Tensor, start: int, end: int, cache: KVCache, pos: int) -> torch.Tensor:
         """Apply layers [start, end) to h (B, T, H) whose first token is at position `pos`.
@@ -194,7 +119,7 @@ class LayerStack:
         Writes K/V of these layers at positions [pos, pos + T) of `cache`; returns (B, T, H).
         """
         B, T = h.shape[:2]
-        g = self._route(B * T)
+        g = route(self.kernels, B * T)
         cos = self._cos[pos:pos + T]  # (T, D)
         sin = self._sin[pos:pos + T]
         masks: dict[int | None, torch.Tensor | None] = {}
@@ -207,45 +132,7 @@ class LayerStack:
             h = h + self._mlp(layer.mlp, layer.post_attention_layernorm(h), g)
         return h
 
-    def tune(self, reps: int = 3) -> tuple[str, ...]:
-        """Choose the few-row matmul kernel (see `matmul`) by timing each on this model, on this machine.
-
-        For each row count in TUNE_ROWS, a pass through every layer and the head with each kernel (KERNELS,
-        "onednn" where available), alternating, `reps` times after one warm-up round; the fastest minimum wins.
-        CPU only, once per stack (later calls return the choice): 12 (reps + 1) passes, a few seconds for a
-        135M model. Reordered weights are dropped afterwards (remade on use, for the layers that need them).
-        Returns `kernels`: the kernel for each bucket of row counts (TUNE_ROWS).
-        """
-        if self.tuned:
-            return self.kernels
-        candidates = [k for k in KERNELS if k != "onednn" or onednn_available() and self.dtype == torch.float32]
-        choice = []
-        with torch.no_grad():
-            for rows in TUNE_ROWS:
-                h = self.embed(torch.zeros(1, rows, dtype=torch.long, device=self.device))
-                cache = self.new_cache(rows)
-                best = dict.fromkeys(candidates, float("inf"))
-                for rep in range(reps + 1):
-                    for kernel in candidates:
-                        self.kernels = (kernel,) * len(TUNE_ROWS)
-                        t0 = time.perf_counter()
-                        self.logits(self.run(h, 0, self.num_layers, cache, 0))
-                        if rep:  # round 0 warms up
-                            best[kernel] = min(best[kernel], time.perf_counter() - t0)
-                choice.append(min(candidates, key=best.__getitem__))
-        self.kernels, self.tuned = tuple(choice), True
-        self.packed.clear()
-        return self.kernels
-
     # ---- internals -----------------------------------------------------------------------
-    def _route(self, rows: int) -> str:
-        """The kernel for a matmul over `rows` rows (`matmul` itself takes F.linear past SMALL_GEMM_MAX_ROWS)."""
-        choice = self.kernels[0]
-        for bucket, kernel in zip(TUNE_ROWS, self.kernels):
-            if rows >= bucket:
-                choice = kernel
-        return choice
-
     def _mlp(self, mlp, x, g):
         """The gated MLP of the Llama family: down(act(gate(x)) * up(x))."""
         p = self.packed
@@ -273,8 +160,8 @@ class LayerStack:
         streams len(vocab) rows instead of V)."""
         weight, bias = self.lm_head.weight, self.lm_head.bias
         old = self._sub
-        if old is None or old[1] != _version(weight) or not (old[0] is vocab or _same_ids(old[0], vocab)):
-            self._sub = (vocab, _version(weight), weight[vocab].contiguous(), None if bias is None else bias[vocab])
+        if old is None or old[1] != version(weight) or not (old[0] is vocab or _same_ids(old[0], vocab)):
+            self._sub = (vocab, version(weight), weight[vocab].contiguous(), None if bias is None else bias[vocab])
         return self._sub[2], self._sub[3]
 
     def _ensure_rope(self, max_len: int) -> None:
@@ -287,14 +174,6 @@ class LayerStack:
         with torch.no_grad():
             cos, sin = self.rotary_emb(probe, positions)  # (1, n, D)
         self._cos, self._sin = cos[0], sin[0]
-
-
-def _version(t: torch.Tensor) -> int:
-    """t's in-place modification counter (inference tensors have none: they cannot change outside inference mode)."""
-    try:
-        return t._version
-    except RuntimeError:
-        return -1
 
 
 def _same_ids(a: torch.Tensor, b: torch.Tensor) -> bool:

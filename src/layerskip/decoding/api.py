@@ -1,103 +1,56 @@
-"""`layerskip.generate`: one entry point for autoregressive, early-exit and self-speculative decoding."""
+"""`layerskip.generate`: one entry point for autoregressive, early-exit and self-speculative decoding.
+
+`generate(model, input_ids, ...)` takes a loaded transformers model, or a `LayerStack` made once by
+`prepare(model)`: the stack holds what is worth keeping between calls (rotary tables, the draft head's rows,
+reordered weights, the few-row matmul kernels that `prepare(model, tune=True)` timed on this machine). Given a
+bare model, `generate` builds an untuned stack for that call. Nothing is cached at module level.
+"""
 from __future__ import annotations
 
 import contextlib
-import weakref
+import time
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from layerskip.decoding import draft_vocab as draft_vocabulary
 from layerskip.decoding.autoregressive import decode_autoregressive
-from layerskip.decoding.result import GenerationResult, GenerationStats
-from layerskip.decoding.sampling import SamplingParams
+from layerskip.decoding.config import STRATEGIES, DecodeConfig, ResolvedConfig
+from layerskip.decoding.result import GenerationResult, GenerationStats, Timer
 from layerskip.decoding.self_speculative import decode_self_speculative
 from layerskip.decoding.stopping import StopChecker
 from layerskip.errors import LayerSkipError
 from layerskip.forward import LayerStack
+from layerskip.kernels import tune as tune_kernels
 
-STRATEGIES = ("autoregressive", "early_exit", "self_speculative")
-DEFAULT_NUM_SPECULATIONS = 4
-_stacks: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+__all__ = ["STRATEGIES", "DecodeConfig", "generate", "prepare", "attention_backends"]
 
 
-def layer_stack(model) -> LayerStack:
-    """The (cached) LayerStack of a model, its matmul kernels tuned for this machine (`LayerStack.tune`)."""
-    stack = _stacks.get(model)
-    if stack is None or stack.device != model.model.embed_tokens.weight.device or stack.dtype != model.dtype:
-        stack = _stacks[model] = LayerStack(model)
-        stack.tune()
+def prepare(model, *, tune: bool = False, kernel: str | None = None) -> LayerStack:
+    """The engine for `model`, to reuse across `generate` calls.
+
+    Args:
+        tune: time the few-row matmul kernels on this model and machine first (CPU only; a few seconds for a
+            135M model; see layerskip.kernels). The CLI does this.
+        kernel: force one kernel for every row count instead (kernels.KERNELS).
+    Returns:
+        a LayerStack; `stack.kernels` is the choice, also recorded in each result's stats.
+    """
+    if isinstance(model, LayerStack):
+        stack = model
+    else:
+        stack = LayerStack(model, kernel)
+    if tune and kernel is None:
+        tune_kernels(stack)
     return stack
 
 
 def attention_backends(device: torch.device):
     """On CUDA, keep scaled_dot_product_attention off cuDNN's backend while decoding: with a key length
-    that changes every step it pays milliseconds of host-side planning per call (measured on an H100,
-    bf16), far more than the attention itself. Flash / memory-efficient / math kernels do not."""
+    that changes every step it pays milliseconds of host-side planning per call, far more than the attention
+    itself. Flash / memory-efficient / math kernels do not."""
     if device.type != "cuda":
         return contextlib.nullcontext()
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
-
-
-def normalize_strategy(strategy: str) -> str:
-    name = strategy.replace("-", "_").lower()
-    if name not in STRATEGIES:
-        raise LayerSkipError(f"unknown strategy {strategy!r}; choose from {', '.join(s.replace('_', '-') for s in STRATEGIES)}")
-    return name
-
-
-def model_defaults(model) -> dict:
-    """The decoding settings stored with a LayerSkip-trained model, if any.
-
-    They live in config.json under "layerskip": {"exit_layer": E, "num_speculations": d,
-    "confidence_threshold": c, "draft_vocab": [token ids]} (each optional).
-    """
-    stored = getattr(model.config, "layerskip", None)
-    return dict(stored) if isinstance(stored, dict) else {}
-
-
-def resolve_exit_layer(model, exit_layer: int | None) -> int:
-    L = model.config.num_hidden_layers
-    if exit_layer is None:
-        exit_layer = model_defaults(model).get("exit_layer") or max(1, L // 2)
-    if not isinstance(exit_layer, int) or not 1 <= exit_layer < L:
-        raise LayerSkipError(f"exit_layer must be an integer in [1, {L - 1}] for this {L}-layer model, got {exit_layer}")
-    return exit_layer
-
-
-def resolve_num_speculations(model, num_speculations: int | None) -> int:
-    if num_speculations is None:
-        num_speculations = model_defaults(model).get("num_speculations") or DEFAULT_NUM_SPECULATIONS
-    if not isinstance(num_speculations, int) or num_speculations < 1:
-        raise LayerSkipError(f"num_speculations must be an integer >= 1, got {num_speculations}")
-    return num_speculations
-
-
-def resolve_confidence_threshold(model, confidence_threshold: float | None) -> float:
-    if confidence_threshold is None:
-        confidence_threshold = model_defaults(model).get("confidence_threshold") or 0.0
-    _check_threshold(confidence_threshold)
-    return float(confidence_threshold)
-
-
-def _check_threshold(value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
-        raise LayerSkipError(f"confidence_threshold must be a number in [0, 1), got {value!r}")
-
-
-def resolve_draft_vocab(model, draft_vocab, device) -> torch.Tensor | None:
-    """The draft vocabulary ids (None: the full vocabulary); see draft_vocab.py."""
-    stored = model_defaults(model).get("draft_vocab")
-    return draft_vocabulary.resolve(stored if isinstance(stored, list) else None, draft_vocab,
-                                    model.get_output_embeddings().weight.shape[0], device)
-
-
-def _eos_ids(model, eos_token_id) -> list[int]:
-    if eos_token_id is None:
-        eos_token_id = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if eos_token_id is None:
-        return []
-    return [int(e) for e in (eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id])]
 
 
 def _prompt_tensor(input_ids, device) -> torch.Tensor:
@@ -107,38 +60,16 @@ def _prompt_tensor(input_ids, device) -> torch.Tensor:
             ids = ids[None]
         if ids.dim() != 2 or ids.shape[0] != 1:
             raise LayerSkipError(f"input_ids must have shape [1, T] (batch size 1), got {list(input_ids.shape)}")
+        if ids.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.bool):
+            raise LayerSkipError(f"input_ids must be integer token ids, got a {ids.dtype} tensor")
     else:
         try:
             ids = torch.tensor([list(input_ids)], dtype=torch.long)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, RuntimeError):
             raise LayerSkipError("input_ids must be a list of ints or a LongTensor of shape [1, T]") from None
     if ids.shape[1] == 0:
         raise LayerSkipError("the prompt is empty: give at least one token")
     return ids.to(device=device, dtype=torch.long)
-
-
-def check_options(*, strategy="autoregressive", max_new_tokens=128, do_sample=False, temperature=1.0, top_k=None,
-                  top_p=None, num_speculations=None, confidence_threshold=None) -> SamplingParams:
-    """Validate the model-independent options (the CLI calls this before loading a model)."""
-    normalize_strategy(strategy)
-    if confidence_threshold is not None:
-        _check_threshold(confidence_threshold)
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise LayerSkipError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens}")
-    if num_speculations is not None and (not isinstance(num_speculations, int) or num_speculations < 1):
-        raise LayerSkipError(f"num_speculations must be an integer >= 1, got {num_speculations}")
-    return _check_sampling(do_sample, temperature, top_k, top_p)
-
-
-def _check_sampling(do_sample, temperature, top_k, top_p) -> SamplingParams:
-    if do_sample:
-        if temperature is None or temperature <= 0:
-            raise LayerSkipError(f"temperature must be > 0 when sampling, got {temperature}")
-        if top_k is not None and top_k < 0:
-            raise LayerSkipError(f"top_k must be >= 0, got {top_k}")
-        if top_p is not None and not 0 < top_p <= 1:
-            raise LayerSkipError(f"top_p must be in (0, 1], got {top_p}")
-    return SamplingParams(bool(do_sample), float(temperature or 1.0), top_k or None, top_p)
 
 
 def _streaming_callback(streamer, prompt: torch.Tensor):
@@ -151,89 +82,99 @@ def _streaming_callback(streamer, prompt: torch.Tensor):
     return streamer, lambda: None
 
 
-def generate(model, input_ids, *, strategy: str = "autoregressive", exit_layer: int | None = None,
-             num_speculations: int | None = None, confidence_threshold: float | None = None, draft_vocab=None,
-             max_new_tokens: int = 128, do_sample: bool = False,
-             temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-             eos_token_id: int | list[int] | None = None, stop_strings: list[str] | str | None = None,
-             tokenizer=None, seed: int | None = None, streamer=None) -> GenerationResult:
+def generate(model, input_ids, config: DecodeConfig | None = None, *, tokenizer=None, streamer=None,
+             timings: bool = False, **options) -> GenerationResult:
     """Generate up to `max_new_tokens` tokens after `input_ids` (batch size 1).
 
     Args:
         model: a loaded transformers LlamaForCausalLM / MistralForCausalLM / Qwen2ForCausalLM /
-            Qwen3ForCausalLM. Its weights are used in place; its config is never changed.
+            Qwen3ForCausalLM, or the LayerStack `prepare(model)` made of one. Its weights are used in place;
+            its config is never changed.
         input_ids: list[int] or LongTensor of shape [1, T] (or [T]).
-        strategy: "autoregressive" (the baseline), "early_exit" (lossy: layers [0, E) + the model's
-            final norm and head; LayerSkip §4.1) or "self_speculative" (lossless: draft with [0, E),
-            verify with [E, L) in one pass, one shared KV cache; LayerSkip §4.2). Dashes also accepted.
-        exit_layer: E, 1 <= E < L. Default: the value stored with the model, else L // 2.
-        num_speculations: d, drafts per round. Default: the value stored with the model, else 4.
-        confidence_threshold: self-speculative only: stop a round's drafting where the draft
-            distribution's top probability is below it (adaptive draft length; lossless, also when
-            sampling). Default: the value stored with the model, else 0 (always draft d).
-        draft_vocab: self-speculative only: the token ids a draft may be (the full head still verifies;
-            lossless). None: the list stored with the model by `layerskip train`, else the full
-            vocabulary; 0: the full vocabulary; N: the N most frequent stored ids; or a list of ids.
-        max_new_tokens: the most new tokens (exact: never exceeded).
-        do_sample, temperature, top_k, top_p, seed: sampling; greedy when do_sample is False.
-        eos_token_id: stop ids; default the model's generation_config.eos_token_id.
-        stop_strings: stop when the new text contains one; `text` is cut before it. Needs `tokenizer`.
+        config: a DecodeConfig; or give its fields as keyword options (not both):
+            strategy: "autoregressive" (the baseline), "early_exit" (lossy: layers [0, E) + the model's
+                final norm and head; LayerSkip §4.1) or "self_speculative" (lossless: draft with [0, E),
+                verify with [E, L) in one pass, one shared KV cache; LayerSkip §4.2). Dashes also accepted.
+            exit_layer: E, 1 <= E < L. Default: the value stored with the model, else L // 2.
+            num_speculations: d, drafts per round. Default: the value stored with the model, else 4.
+            confidence_threshold: self-speculative only: stop a round's drafting where the draft
+                distribution's top probability is below it (adaptive draft length; lossless, also when
+                sampling). Default: the value stored with the model, else 0 (always draft d).
+            draft_vocab: self-speculative only: the token ids a draft may be (the full head still verifies;
+                lossless). None: the model's stored list (draft_vocab.json, from `layerskip train`), else the
+                full vocabulary; 0: the full vocabulary; N: the N most frequent stored ids; or a list of ids.
+            max_new_tokens: the most new tokens (exact: never exceeded).
+            do_sample, temperature, top_k, top_p, seed: sampling; greedy when do_sample is False.
+            eos_token_id: stop ids; default the model's generation_config.eos_token_id.
+            stop_strings: stop when the new text contains one; `text` is cut before it. Needs `tokenizer`.
         tokenizer: to decode `text` (and for stop strings).
         streamer: callable(list[int]) called with the tokens each step/round emits, or a
             transformers streamer (TextStreamer, ...).
+        timings: also split the time into phases (stats.prefill_s / draft_s / verify_s); on a GPU this
+            synchronises the device once per phase.
     Returns:
         GenerationResult(token_ids, text, stats). Greedy self-speculative output is token-identical
         to greedy autoregressive output (in fp32).
     """
-    params = check_options(strategy=strategy, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                           temperature=temperature, top_k=top_k, top_p=top_p, num_speculations=num_speculations,
-                           confidence_threshold=confidence_threshold)
-    strategy = normalize_strategy(strategy)
-    stack = layer_stack(model)
-    L = stack.num_layers
-    if strategy != "autoregressive":
-        exit_layer = resolve_exit_layer(model, exit_layer)
-    else:
-        exit_layer = None
-    speculative = strategy == "self_speculative"
-    num_speculations = resolve_num_speculations(model, num_speculations) if speculative else None
-    confidence_threshold = resolve_confidence_threshold(model, confidence_threshold) if speculative else None
-    vocab = resolve_draft_vocab(model, draft_vocab, stack.device) if speculative else None
-    if isinstance(stop_strings, str):
-        stop_strings = [stop_strings]
-    if stop_strings and tokenizer is None:
+    if config is None:
+        config = DecodeConfig(**options)
+    elif options:
+        raise LayerSkipError(f"give either a DecodeConfig or keyword options, not both ({', '.join(options)})")
+    stack = prepare(model)
+    resolved = config.resolve(stack.model)
+    if resolved.stop_strings and tokenizer is None:
         raise LayerSkipError("stop_strings need a tokenizer")
     prompt = _prompt_tensor(input_ids, stack.device)
+    return decode(stack, prompt, resolved, tokenizer=tokenizer, streamer=streamer, timings=timings)
+
+
+def decode(stack: LayerStack, prompt: torch.Tensor, cfg: ResolvedConfig, *, tokenizer=None, streamer=None,
+           timings: bool = False) -> GenerationResult:
+    """`generate` after validation: prompt (1, T) on the stack's device, settings resolved for its model."""
     T = prompt.shape[1]
-    if stack.max_positions and T + max_new_tokens > stack.max_positions:
+    if int(prompt.max()) >= stack.vocab_size or int(prompt.min()) < 0:
+        raise LayerSkipError(f"input_ids hold token ids outside this model's vocabulary [0, {stack.vocab_size})")
+    if stack.max_positions and T + cfg.max_new_tokens > stack.max_positions:
         raise LayerSkipError(
-            f"prompt ({T} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+            f"prompt ({T} tokens) + max_new_tokens ({cfg.max_new_tokens}) exceeds the model's "
             f"{stack.max_positions} positions; shorten the prompt or lower max_new_tokens"
         )
-    stopper = StopChecker(max_new_tokens, _eos_ids(model, eos_token_id), stop_strings, tokenizer)
-    stats = GenerationStats(strategy=strategy, exit_layer=exit_layer, num_speculations=num_speculations,
-                            confidence_threshold=confidence_threshold,
-                            draft_vocab_size=None if vocab is None else vocab.shape[0], num_prompt_tokens=T)
+    stopper = StopChecker(cfg.max_new_tokens, cfg.eos_token_id, cfg.stop_strings, tokenizer)
+    stats = GenerationStats(strategy=cfg.strategy, exit_layer=cfg.exit_layer, num_speculations=cfg.num_speculations,
+                            confidence_threshold=cfg.confidence_threshold,
+                            draft_vocab_size=None if cfg.draft_vocab is None else len(cfg.draft_vocab),
+                            matmul_kernels=stack.kernels, num_prompt_tokens=T)
     generator = None
-    if seed is not None:
-        generator = torch.Generator(device=stack.device).manual_seed(seed)
+    if cfg.sampling.do_sample and cfg.seed is not None:
+        generator = torch.Generator(device=stack.device).manual_seed(cfg.seed)
     on_tokens, finish = _streaming_callback(streamer, prompt)
+    t0 = time.perf_counter()
+
+    def emitted(ids: list[int]) -> None:  # the tokens are on the host already: reading the clock costs no sync
+        if stats.first_token_s is None:
+            stats.first_token_s = time.perf_counter() - t0
+        if on_tokens:
+            on_tokens(ids)
+
+    speculative = cfg.strategy == "self_speculative"
+    timer = Timer(stack.device, stats, ("draft_s", "verify_s") if speculative else ("prefill_s",)) if timings else None
     with torch.inference_mode(), attention_backends(stack.device):
-        if max_new_tokens == 0:
+        if cfg.max_new_tokens == 0:
             tokens = []
-        elif strategy == "self_speculative":
-            tokens = decode_self_speculative(stack, prompt, exit_layer=exit_layer, num_speculations=num_speculations,
-                                             params=params, stopper=stopper, stats=stats, generator=generator,
-                                             on_tokens=on_tokens, draft_vocab=vocab,
-                                             confidence_threshold=confidence_threshold)
+        elif speculative:
+            tokens = decode_self_speculative(stack, prompt, exit_layer=cfg.exit_layer,
+                                             num_speculations=cfg.num_speculations, params=cfg.sampling,
+                                             stopper=stopper, stats=stats, generator=generator, on_tokens=emitted,
+                                             draft_vocab=cfg.draft_vocab_tensor(stack.device),
+                                             confidence_threshold=cfg.confidence_threshold, timer=timer)
         else:
-            tokens = decode_autoregressive(stack, prompt, num_layers=exit_layer or L, params=params, stopper=stopper,
-                                           stats=stats, generator=generator, on_tokens=on_tokens)
+            tokens = decode_autoregressive(stack, prompt, num_layers=cfg.exit_layer or stack.num_layers,
+                                           params=cfg.sampling, stopper=stopper, stats=stats, generator=generator,
+                                           on_tokens=emitted, timer=timer)
+    stats.total_s = time.perf_counter() - t0
     finish()
     stats.num_new_tokens = len(tokens)
     text = None
     if tokenizer is not None:
-        text = tokenizer.decode(tokens, skip_special_tokens=True)
-        if stop_strings:
-            text = stopper.trim(text)
+        text = stopper.trim(tokenizer.decode(tokens, skip_special_tokens=True))
     return GenerationResult(token_ids=tokens, text=text, stats=stats)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from layerskip.decoding.stopping import cut_at_stop
 from layerskip.errors import LayerSkipError
 
 # Prompts end mid-line: the tokenizer merges a newline with the next line's indent, so a prompt that
@@ -27,10 +28,10 @@ def add_decoding_args(p: argparse.ArgumentParser) -> None:
     add_drafting_args(p)
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--temperature", type=float, default=None, help="with --sample: > 0 (default 1)")
+    p.add_argument("--top-k", type=int, default=None, help="with --sample: keep the k most likely tokens (0 = off)")
+    p.add_argument("--top-p", type=float, default=None, help="with --sample: nucleus sampling, in (0, 1]")
+    p.add_argument("--seed", type=int, default=None, help="with --sample: a reproducible stream")
     p.add_argument("--stop", action="append", default=None, metavar="STRING", type=_unescape,
                    help="stop string (repeatable; \\n and \\t are read as newline and tab); the output is cut before it")
 
@@ -68,21 +69,15 @@ def add_parser(subparsers) -> None:
     d.set_defaults(func=run_demo)
 
 
-def _set_threads(threads: int | None) -> None:
-    if threads is not None:
-        if threads < 1:
-            raise LayerSkipError(f"--threads must be >= 1, got {threads}")
-        import torch
-
-        torch.set_num_threads(threads)
-
-
 def _read_prompt(args) -> str:
     if args.prompt is not None:
         return args.prompt
     if sys.stdin is None or sys.stdin.isatty():
         raise LayerSkipError("no prompt: pass --prompt TEXT or pipe text on standard input")
-    text = sys.stdin.read()
+    try:
+        text = sys.stdin.buffer.read().decode("utf-8") if hasattr(sys.stdin, "buffer") else sys.stdin.read()
+    except UnicodeDecodeError as e:
+        raise LayerSkipError(f"standard input is not UTF-8 text (byte {e.start}: {e.reason})") from None
     if not text:
         raise LayerSkipError("no prompt: standard input was empty")
     return text
@@ -104,9 +99,10 @@ def stats_line(stats) -> str:
              f"{stats.tokens_per_second:.1f} tokens/s"]
     if stats.exit_layer is not None:
         parts.append(f"exit layer {stats.exit_layer}")
-    if stats.acceptance_rate is not None:
-        parts.append(f"d={stats.num_speculations}, acceptance {stats.acceptance_rate:.2f}, "
-                     f"{stats.tokens_per_round:.2f} tokens/round")
+    if stats.strategy == "self_speculative":
+        rate = "-" if stats.acceptance_rate is None else f"{stats.acceptance_rate:.2f}"
+        per_round = "-" if stats.tokens_per_round is None else f"{stats.tokens_per_round:.2f}"
+        parts.append(f"d={stats.num_speculations}, acceptance {rate}, {per_round} tokens/round")
         if stats.confidence_threshold:
             parts.append(f"confidence threshold {stats.confidence_threshold:g}")
         if stats.draft_vocab_size:
@@ -136,8 +132,7 @@ class TextPrinter:
         self.out.flush()
 
     def _cut(self, text: str) -> str:
-        cut = min((i for i in (text.find(s) for s in self.stops) if i >= 0), default=len(text))
-        return text[:cut]
+        return cut_at_stop(text, self.stops)
 
     def _write(self, text: str) -> None:
         if len(text) > self.printed:
@@ -146,23 +141,40 @@ class TextPrinter:
             self.printed = len(text)
 
 
-def run_generate(args) -> int:
-    from layerskip.decoding.api import check_options, generate
-    from layerskip.models import load
+def decode_config(args, **overrides):
+    """The DecodeConfig of the decoding flags (validated here, before any model is loaded)."""
+    from layerskip.decoding.config import DecodeConfig
 
-    _set_threads(args.threads)
-    check_options(strategy=args.strategy, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
-                  temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                  num_speculations=args.num_speculations,
-                  confidence_threshold=args.confidence_threshold)  # fail fast, before loading a model
-    prompt = _read_prompt(args)
+    fields = dict(strategy=args.strategy, exit_layer=args.exit_layer, num_speculations=args.num_speculations,
+                  confidence_threshold=args.confidence_threshold, draft_vocab=args.draft_vocab,
+                  max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
+                  top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_strings=tuple(args.stop or ()))
+    fields.update(overrides)
+    return DecodeConfig(**fields)
+
+
+def load_engine(args):
+    """(model, tokenizer, engine): the model loaded as the flags say, its CPU matmul kernels tuned."""
+    from layerskip.decoding.api import prepare
+    from layerskip.models import load
+    from layerskip.runtime import set_threads
+
+    set_threads(args.threads)
     model, tokenizer = load(args.model, dtype=args.dtype, device=args.device)
+    return model, tokenizer, prepare(model, tune=True)
+
+
+def run_generate(args) -> int:
+    from layerskip.decoding.api import generate
+    from layerskip.runtime import set_threads
+
+    set_threads(args.threads)
+    config = decode_config(args)  # fail fast, before loading a model
+    prompt = _read_prompt(args)
+    model, tokenizer, engine = load_engine(args)
     ids = encode_prompt(tokenizer, prompt, args.chat)
-    printer = TextPrinter(tokenizer, args.stop) if args.stream else None
-    result = generate(model, ids, strategy=args.strategy, exit_layer=args.exit_layer,
-                      num_speculations=args.num_speculations, confidence_threshold=args.confidence_threshold,
-                      draft_vocab=args.draft_vocab, max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                      stop_strings=args.stop, tokenizer=tokenizer, seed=args.seed, streamer=printer)
+    printer = TextPrinter(tokenizer, config.stop_strings) if args.stream else None
+    result = generate(engine, ids, config, tokenizer=tokenizer, streamer=printer)
     if printer:
         printer.finish(result.text)
     else:
@@ -172,26 +184,20 @@ def run_generate(args) -> int:
 
 
 def run_demo(args) -> int:
-    from layerskip.decoding.api import generate, model_defaults
-    from layerskip.models import load
-
-    _set_threads(args.threads)
+    from layerskip.decoding.api import generate
     if args.repeats < 1:
         raise LayerSkipError(f"--repeats must be >= 1, got {args.repeats}")
-    model, tokenizer = load(args.model, dtype=args.dtype, device=args.device)
-    defaults = model_defaults(model)
+    model, tokenizer, engine = load_engine(args)
     L = model.config.num_hidden_layers
     print(f"model: {model.config.name_or_path} ({type(model).__name__}, {L} layers)")
-    if defaults.get("trained") is False:
-        print("note: this is the untrained stand-in model (random weights): expect nonsense text and low acceptance.")
     ids = encode_prompt(tokenizer, args.prompt)
-    generate(model, ids, max_new_tokens=8)  # warm-up
+    generate(engine, ids, max_new_tokens=8)  # warm-up
     # Alternate the strategies and keep each one's fastest run: a job that briefly takes a core can
     # stall a run many times over on a small machine, and the minimum is what the code can do.
     runs = {}
     for _ in range(args.repeats):
         for strategy in ("autoregressive", "self_speculative"):
-            r = generate(model, ids, strategy=strategy, max_new_tokens=args.max_new_tokens, tokenizer=tokenizer)
+            r = generate(engine, ids, strategy=strategy, max_new_tokens=args.max_new_tokens, tokenizer=tokenizer)
             if strategy not in runs or r.stats.total_s < runs[strategy].stats.total_s:
                 runs[strategy] = r
     ar, ss = runs["autoregressive"], runs["self_speculative"]

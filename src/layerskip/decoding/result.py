@@ -1,7 +1,9 @@
-"""What `generate` returns: the new tokens, their text, and statistics about the run."""
+"""What `generate` returns: the new tokens, their text, and statistics about the run; and the opt-in `Timer`."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+
+from layerskip.runtime import clock
 
 
 @dataclass
@@ -10,7 +12,12 @@ class GenerationStats:
 
     Words used (as in the paper and vLLM): per round the draft proposes `k` tokens ("drafted"); the
     longest prefix that the verifier agrees with is "accepted"; the verifier then adds one token of
-    its own (the correction after a rejection, or the "bonus" token when all k were accepted).
+    its own (the correction after a rejection, or the "bonus" token when all k were accepted). Only
+    emitted drafts count as accepted: drafts after an EOS or a stop string, or past max_new_tokens, do not.
+
+    total_s and first_token_s are always measured (no device synchronisation inside the loop: the tokens are
+    read to the host anyway). The phase split (prefill_s, draft_s, verify_s) costs a synchronisation per phase
+    on a GPU, so it is filled only when timing was asked for (`generate(..., timings=True)`).
     """
 
     strategy: str
@@ -18,18 +25,25 @@ class GenerationStats:
     num_speculations: int | None = None
     confidence_threshold: float | None = None  # self-speculative: adaptive draft length (0 = off)
     draft_vocab_size: int | None = None  # self-speculative: tokens the draft head scores (None = all)
+    matmul_kernels: tuple[str, ...] | None = None  # the engine's few-row kernel per row bucket (kernels.py)
     num_prompt_tokens: int = 0
     num_new_tokens: int = 0
     stop_reason: str | None = None  # "eos" | "stop_string" | "length"
     total_s: float = 0.0
     first_token_s: float | None = None  # time until the first new token was known
-    prefill_s: float | None = None  # autoregressive / early exit: the prompt's forward pass
-    draft_s: float | None = None  # self-speculative: drafting (the prompt's early layers included)
-    verify_s: float | None = None  # self-speculative: verification (the prompt's late layers included)
+    prefill_s: float | None = None  # timings=True, autoregressive / early exit: the prompt's forward pass
+    draft_s: float | None = None  # timings=True, self-speculative: drafting (the prompt's early layers included)
+    verify_s: float | None = None  # timings=True, self-speculative: verification (the prompt's late layers too)
     rounds: int = 0
     drafted: int = 0
     accepted: int = 0
     accepted_per_round: list[int] = field(default_factory=list)
+
+    def add_round(self, drafted: int, accepted: int) -> None:
+        self.rounds += 1
+        self.drafted += drafted
+        self.accepted += accepted
+        self.accepted_per_round.append(accepted)
 
     @property
     def tokens_per_second(self) -> float:
@@ -37,10 +51,10 @@ class GenerationStats:
 
     @property
     def acceptance_rate(self) -> float | None:
-        """Accepted drafts / drafted tokens; None for strategies that do not draft."""
-        if self.strategy != "self_speculative":
+        """Accepted drafts / drafted tokens; None when nothing was drafted (or the strategy does not draft)."""
+        if self.strategy != "self_speculative" or not self.drafted:
             return None
-        return self.accepted / self.drafted if self.drafted else 0.0
+        return self.accepted / self.drafted
 
     @property
     def tokens_per_round(self) -> float | None:
@@ -51,6 +65,24 @@ class GenerationStats:
         d.update(tokens_per_second=self.tokens_per_second, acceptance_rate=self.acceptance_rate,
                  tokens_per_round=self.tokens_per_round)
         return d
+
+
+class Timer:
+    """Phase timing for one generation, opt-in: `lap(name)` adds the time since the last lap to `stats.<name>`.
+
+    Each lap synchronises the device (runtime.clock); the decode loops call it only when a Timer was given.
+    """
+
+    def __init__(self, device, stats: GenerationStats, names: tuple[str, ...]):
+        self.device, self.stats = device, stats
+        for name in names:
+            setattr(stats, name, 0.0)
+        self.last = clock(device)
+
+    def lap(self, name: str) -> None:
+        now = clock(self.device)
+        setattr(self.stats, name, getattr(self.stats, name) + now - self.last)
+        self.last = now
 
 
 @dataclass

@@ -24,7 +24,8 @@ class SamplingParams:
 def warp(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """Temperature, then top-k, then top-p (transformers' order) on (..., V) logits."""
     if params.temperature != 1.0:
-        logits = logits / params.temperature
+        # shifted first (softmax is unchanged): a tiny temperature then gives -inf, never inf - inf = nan
+        logits = (logits - logits.amax(-1, keepdim=True)) / params.temperature
     if params.top_k is not None and 0 < params.top_k < logits.shape[-1]:
         kth = torch.topk(logits, params.top_k, dim=-1).values[..., -1:]  # (..., 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -1,5 +1,14 @@
-"""When to stop: EOS ids, stop strings, and max_new_tokens, applied to the tokens a step emits."""
+"""When to stop: EOS ids, stop strings, and max_new_tokens, applied to the tokens a step emits.
+
+`cut_at_stop` is the one place text is cut at a stop string (decoding, streaming, bench and metrics use it).
+"""
 from __future__ import annotations
+
+
+def cut_at_stop(text: str, stop_strings) -> str:
+    """`text` up to (not including) the earliest occurrence of any stop string."""
+    cut = min((i for i in (text.find(s) for s in stop_strings or () if s) if i >= 0), default=len(text))
+    return text[:cut]
 
 
 class StopChecker:
@@ -36,10 +45,14 @@ class StopChecker:
         return keep, reason
 
     def _has_stop(self, ids: list[int]) -> bool:
-        text = self.tokenizer.decode(ids, skip_special_tokens=True)
-        return any(s in text for s in self.stop_strings)
+        return has_stop(self.tokenizer, ids, self.stop_strings)
 
     def trim(self, text: str) -> str:
         """Cut text before the first stop string."""
-        cut = min((i for i in (text.find(s) for s in self.stop_strings) if i >= 0), default=len(text))
-        return text[:cut]
+        return cut_at_stop(text, self.stop_strings)
+
+
+def has_stop(tokenizer, ids: list[int], stop_strings) -> bool:
+    """Whether the decoded text of `ids` contains a stop string."""
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    return any(s in text for s in stop_strings)

@@ -7,11 +7,9 @@ model's own final norm and LM head) is scored by
   perplexity  exp of its mean cross-entropy against the text's next tokens;
   accuracy    the fraction of positions where its top-1 token is the text's next token.
 
-Where the hidden states come from: `model(ids, output_hidden_states=True).hidden_states` has L + 1
-entries. In transformers 5, entry 0 is the embedding output, entry l (1 <= l < L) is decoder layer
-l-1's raw output, and entry L is the last layer's output *already passed through the final norm*.
-So entries 1..L-1 get norm + head, and entry L gets the head only (tests check this against a
-hand-run of the layers).
+The exits are computed by the decoding engine itself: the text runs through the layers one at a time
+(`LayerStack.run`), and each layer's output goes through `LayerStack.logits`, the same final norm + LM head
+(`forward.exit_logits`) that drafting, replay and the training loss use.
 """
 from __future__ import annotations
 
@@ -22,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from layerskip.decoding.api import prepare
 from layerskip.errors import LayerSkipError
 from layerskip import files as io
 from layerskip.evaluation import plots
@@ -67,15 +66,6 @@ def read_texts(paths: list[str]) -> list[str]:
     return texts
 
 
-def layer_logits(model, hidden_states, layer: int) -> torch.Tensor:
-    """Exit logits after `layer` decoder layers from `output_hidden_states` (see the module docstring)."""
-    L = model.config.num_hidden_layers
-    h = hidden_states[layer]
-    if layer < L:
-        h = model.model.norm(h)
-    return model.lm_head(h)
-
-
 def analyze_layers(model, tokenizer, texts: list[str], *, max_length: int = 512,
                    max_tokens: int | None = None, progress: bool = False) -> list[LayerStats]:
     """Teacher-forced early-exit statistics for every layer 1..L (batch size 1, windows of `max_length`).
@@ -88,7 +78,9 @@ def analyze_layers(model, tokenizer, texts: list[str], *, max_length: int = 512,
     """
     if tokenizer is None:
         raise LayerSkipError("this model has no tokenizer; analyze needs one to encode the text")
-    L = model.config.num_hidden_layers
+    stack = prepare(model)
+    model = stack.model
+    L = stack.num_layers
     limit = getattr(model.config, "max_position_embeddings", None)
     window = min(max_length, limit) if limit else max_length
     if window < 2:
@@ -106,16 +98,19 @@ def analyze_layers(model, tokenizer, texts: list[str], *, max_length: int = 512,
 
     with torch.inference_mode():
         for w in tqdm(windows, desc="analyze", disable=not progress, leave=False, dynamic_ncols=True):
-            ids = torch.tensor([w], device=model.device)  # (1, T)
-            out = model(ids, output_hidden_states=True, use_cache=False)
+            ids = torch.tensor([w], device=stack.device)  # (1, T)
             targets = ids[0, 1:]  # (T-1,)
-            final = out.logits[0, :-1].argmax(-1)  # (T-1,)
-            for layer in range(1, L + 1):
-                logits = layer_logits(model, out.hidden_states, layer)[0, :-1].float()  # (T-1, V)
-                top1 = logits.argmax(-1)
-                agree[layer - 1] += int((top1 == final).sum())
-                correct[layer - 1] += int((top1 == targets).sum())
-                nll[layer - 1] += float(F.cross_entropy(logits, targets, reduction="sum"))
+            cache = stack.new_cache(len(w))
+            h = stack.embed(ids)  # (1, T, H)
+            top1 = []  # each exit's top-1 tokens (T-1,); logits are kept for one layer at a time
+            for layer in range(L):
+                h = stack.run(h, layer, layer + 1, cache, 0)  # (1, T, H): the output of layer `layer`
+                logits = stack.logits(h[0, :-1]).float()  # (T-1, V): the exit after layer + 1 layers
+                top1.append(logits.argmax(-1))
+                correct[layer] += int((top1[-1] == targets).sum())
+                nll[layer] += float(F.cross_entropy(logits, targets, reduction="sum"))
+            for layer in range(L):
+                agree[layer] += int((top1[layer] == top1[-1]).sum())
             count += len(w) - 1
             if max_tokens is not None and count >= max_tokens:
                 break

@@ -24,19 +24,19 @@ import contextlib
 import math
 import os
 import platform
-import time
+import warnings
 from dataclasses import asdict, dataclass, field
 
 import torch
 
-import layerskip
-from layerskip.decoding.api import (layer_stack, normalize_strategy, resolve_draft_vocab, resolve_exit_layer,
-                                    resolve_num_speculations)
+from layerskip.decoding.api import generate, prepare
+from layerskip.decoding.config import DecodeConfig, LayerSkipWarning, eos_ids, normalize_strategy
+from layerskip.decoding.stopping import cut_at_stop, has_stop
 from layerskip.errors import LayerSkipError
 from layerskip.evaluation import cost_model
-from layerskip.evaluation.metrics import truncate_at_stop
 from layerskip.evaluation.tasks import Sample, Task
-from layerskip.forward import TUNE_ROWS
+from layerskip.kernels import TUNE_ROWS
+from layerskip.runtime import clock
 
 OURS = ("autoregressive", "early_exit", "self_speculative")
 TRANSFORMERS = ("transformers_greedy", "transformers_early_exit")
@@ -117,7 +117,7 @@ def parse_strategies(text: str | list[str]) -> list[str]:
 def run_bench(model, tokenizer, task: Task, *, strategies=OURS, exit_layer: int | None = None,
               num_speculations: int | None = None, confidence_threshold: float | None = None, draft_vocab=None,
               max_new_tokens: int = 128, compare_transformers: bool = False, warmup: bool = True, score: bool = True,
-              predict: bool = True, model_name: str = "", progress: bool = True) -> BenchReport:
+              predict: bool = True, model_name: str = "", progress: bool = True, engine=None) -> BenchReport:
     """Time `strategies` over `task.samples` (batch size 1, greedy) and score their completions.
 
     Args:
@@ -131,6 +131,7 @@ def run_bench(model, tokenizer, task: Task, *, strategies=OURS, exit_layer: int 
         warmup: run every strategy once on the first prompt before timing.
         score: compute the task's metrics per strategy.
         predict: measure the cost model and report predicted speedups.
+        engine: the model's engine from `layerskip.prepare` (with its tuned kernels); default: an untuned one.
     Returns:
         BenchReport.
     """
@@ -141,14 +142,25 @@ def run_bench(model, tokenizer, task: Task, *, strategies=OURS, exit_layer: int 
     strategies = parse_strategies(strategies)
     if compare_transformers:
         strategies += [s for s in TRANSFORMERS if s not in strategies]
-    E = resolve_exit_layer(model, exit_layer)
-    d = resolve_num_speculations(model, num_speculations)
+    engine = prepare(engine if engine is not None else model)
     eos = eos_ids(model, tokenizer)
-    drafting = dict(confidence_threshold=confidence_threshold, draft_vocab=draft_vocab)
+    spec = DecodeConfig("self_speculative", exit_layer=exit_layer, num_speculations=num_speculations,
+                        confidence_threshold=confidence_threshold, draft_vocab=draft_vocab,
+                        max_new_tokens=max_new_tokens, eos_token_id=tuple(eos) or None).resolve(model, warn=False)
+    E, d = spec.exit_layer, spec.num_speculations
+    configs = {s: _strategy_config(s, spec) for s in strategies if s not in TRANSFORMERS}
     prompts = [encode_prompt(tokenizer, s, model, max_new_tokens) for s in task.samples]
+    cut = sum(len(tokenizer(s.prompt).input_ids) > len(p) for s, p in zip(task.samples, prompts))
+    if cut:
+        warnings.warn(f"{cut} of {len(prompts)} prompts are longer than the model's positions allow with "
+                      f"--max-new-tokens {max_new_tokens}: they keep their last tokens", LayerSkipWarning, stacklevel=2)
 
     def call(strategy: str, i: int, n: int) -> _Run:
-        return _generate(model, tokenizer, strategy, prompts[i], task.samples[i], E, d, n, eos, drafting)
+        if strategy in TRANSFORMERS:
+            return _transformers_generate(model, tokenizer, prompts[i], strategy, E, d, n, eos,
+                                          list(task.samples[i].stop_strings) or None)
+        cfg = configs[strategy].replace(max_new_tokens=n, stop_strings=tuple(task.samples[i].stop_strings))
+        return _generate(engine, tokenizer, prompts[i], cfg)
 
     if warmup:  # full length: every cache length the timed runs will see (GPU kernels, allocator)
         for strategy in strategies:
@@ -165,7 +177,7 @@ def run_bench(model, tokenizer, task: Task, *, strategies=OURS, exit_layer: int 
 
     times = None
     if predict and any(s in strategies for s in ("early_exit", "self_speculative")):
-        times = _measure_costs(model, E, runs.get("self_speculative"), prompts, max_new_tokens, draft_vocab)
+        times = _measure_costs(engine, E, runs.get("self_speculative"), prompts, max_new_tokens, spec)
     results = [_summarize(s, runs[s], runs["autoregressive"], E, d, times) for s in strategies]
     if score:
         bar = _progress(len(strategies), progress, "scoring")
@@ -175,7 +187,7 @@ def run_bench(model, tokenizer, task: Task, *, strategies=OURS, exit_layer: int 
         bar.close()
     return BenchReport(
         model=model_name, task=task.name, num_samples=len(prompts), max_new_tokens=max_new_tokens,
-        results=results, cost_model=times.as_dict() if times else None, machine=machine_info(model),
+        results=results, cost_model=times.as_dict() if times else None, machine=machine_info(engine),
         completions={s: [r.text for r in rs] for s, rs in runs.items()},
         token_ids={s: [r.token_ids for r in rs] for s, rs in runs.items()},
     )
@@ -184,20 +196,22 @@ def run_bench(model, tokenizer, task: Task, *, strategies=OURS, exit_layer: int 
 # ----------------------------------------------------------------------------------- running
 
 
-def _generate(model, tokenizer, strategy, prompt, sample: Sample, E, d, max_new_tokens, eos, drafting) -> _Run:
-    stops = list(sample.stop_strings) or None
-    if strategy in TRANSFORMERS:
-        return _transformers_generate(model, tokenizer, prompt, strategy, E, d, max_new_tokens, eos, stops)
-    t0 = _clock(model)
-    out = layerskip.generate(
-        model, prompt, strategy=strategy, exit_layer=E if strategy != "autoregressive" else None,
-        num_speculations=d if strategy == "self_speculative" else None, max_new_tokens=max_new_tokens,
-        eos_token_id=eos or None, stop_strings=stops, tokenizer=tokenizer,
-        **(drafting if strategy == "self_speculative" else {}),
-    )
-    seconds = _clock(model) - t0
-    text = out.text if out.text is not None else tokenizer.decode(out.token_ids, skip_special_tokens=True)
-    return _Run(out.token_ids, truncate_at_stop(text, stops), seconds, out.stats)
+def _strategy_config(strategy: str, spec) -> DecodeConfig:
+    """Our strategy's DecodeConfig from the resolved self-speculative settings (E shared by early exit)."""
+    if strategy == "self_speculative":
+        return DecodeConfig(strategy, exit_layer=spec.exit_layer, num_speculations=spec.num_speculations,
+                            confidence_threshold=spec.confidence_threshold,
+                            draft_vocab=spec.draft_vocab if spec.draft_vocab is not None else 0,
+                            eos_token_id=spec.eos_token_id)
+    return DecodeConfig(strategy, exit_layer=spec.exit_layer if strategy == "early_exit" else None,
+                        eos_token_id=spec.eos_token_id)
+
+
+def _generate(engine, tokenizer, prompt, config: DecodeConfig) -> _Run:
+    t0 = clock(engine.device)
+    out = generate(engine, prompt, config, tokenizer=tokenizer)
+    seconds = clock(engine.device) - t0
+    return _Run(out.token_ids, out.text, seconds, out.stats)
 
 
 def _transformers_generate(model, tokenizer, prompt, strategy, E, d, max_new_tokens, eos, stops) -> _Run:
@@ -214,9 +228,9 @@ def _transformers_generate(model, tokenizer, prompt, strategy, E, d, max_new_tok
         settings = {"num_assistant_tokens": d, "num_assistant_tokens_schedule": "constant",
                     "assistant_confidence_threshold": 0.0}
     with _generation_config(model, settings), _quiet_transformers(), torch.inference_mode():
-        t0 = _clock(model)
+        t0 = clock(model.device)
         out = model.generate(ids, **kwargs)  # (1, T + n)
-        seconds = _clock(model) - t0
+        seconds = clock(model.device) - t0
     # A speculative round appends several tokens before the stopping rules run: cut after the first
     # EOS or the token that completes a stop string, as our StopChecker does.
     new = out[0, ids.shape[1]:].tolist()
@@ -226,16 +240,11 @@ def _transformers_generate(model, tokenizer, prompt, strategy, E, d, max_new_tok
             break
     if stops:
         for j in range(len(new)):
-            if _has_stop(tokenizer, new[: j + 1], stops):
+            if has_stop(tokenizer, new[: j + 1], stops):
                 new = new[: j + 1]
                 break
     text = tokenizer.decode(new, skip_special_tokens=True)
-    return _Run(new, truncate_at_stop(text, stops), seconds, None)
-
-
-def _has_stop(tokenizer, ids, stops) -> bool:
-    text = tokenizer.decode(ids, skip_special_tokens=True)
-    return any(s in text for s in stops)
+    return _Run(new, cut_at_stop(text, stops), seconds, None)
 
 
 class _StopStringsInText:
@@ -245,7 +254,7 @@ class _StopStringsInText:
         self.tokenizer, self.stops, self.prompt_len = tokenizer, stops, prompt_len
 
     def __call__(self, input_ids, scores, **kwargs):  # (B, T) -> (B,) bool
-        done = [_has_stop(self.tokenizer, row[self.prompt_len:].tolist(), self.stops) for row in input_ids]
+        done = [has_stop(self.tokenizer, row[self.prompt_len:].tolist(), self.stops) for row in input_ids]
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
@@ -290,22 +299,6 @@ def encode_prompt(tokenizer, sample: Sample, model, max_new_tokens: int) -> list
     return ids
 
 
-def eos_ids(model, tokenizer) -> list[int]:
-    """The stop ids both we and transformers use: the generation config's, else the tokenizer's."""
-    eos = getattr(model.generation_config, "eos_token_id", None)
-    if eos is None:
-        eos = getattr(tokenizer, "eos_token_id", None)
-    if eos is None:
-        return []
-    return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
-
-
-def _clock(model) -> float:
-    if model.device.type == "cuda":
-        torch.cuda.synchronize(model.device)
-    return time.perf_counter()
-
-
 # ------------------------------------------------------------------------------- summarizing
 
 
@@ -328,7 +321,7 @@ def _summarize(strategy, runs: list[_Run], baseline: list[_Run], E, d, times) ->
     if strategy == "self_speculative":
         drafted = sum(r.stats.drafted for r in runs)
         rounds = sum(r.stats.rounds for r in runs)
-        result.acceptance_rate = sum(r.stats.accepted for r in runs) / drafted if drafted else 0.0
+        result.acceptance_rate = sum(r.stats.accepted for r in runs) / drafted if drafted else None
         result.tokens_per_round = tokens / rounds if rounds else None
         result.confidence_threshold = runs[0].stats.confidence_threshold
         result.draft_vocab_size = runs[0].stats.draft_vocab_size
@@ -339,7 +332,7 @@ def _summarize(strategy, runs: list[_Run], baseline: list[_Run], E, d, times) ->
     return result
 
 
-def _measure_costs(model, E, spec_runs, prompts, max_new_tokens, draft_vocab):
+def _measure_costs(engine, E, spec_runs, prompts, max_new_tokens, spec):
     """The cost model's step times at this run's typical context, mean drafts per round and draft vocabulary."""
     ks = {0}
     if spec_runs:
@@ -348,14 +341,15 @@ def _measure_costs(model, E, spec_runs, prompts, max_new_tokens, draft_vocab):
             k_mean = sum(r.stats.drafted for r in spec_runs) / rounds
             ks = {math.floor(k_mean), math.ceil(k_mean)}  # t_v is interpolated between them
     context = int(sum(len(p) for p in prompts) / len(prompts)) + max_new_tokens // 2
-    vocab = resolve_draft_vocab(model, draft_vocab, layer_stack(model).device)
-    return cost_model.measure_step_times(model, E, ks, context_len=context, draft_vocab=vocab)
+    return cost_model.measure_step_times(engine, E, ks, context_len=context,
+                                         draft_vocab=spec.draft_vocab_tensor(engine.device))
 
 
-def machine_info(model) -> dict:
-    """Where the numbers were measured (a benchmark reports its machine)."""
+def machine_info(engine) -> dict:
+    """Where the numbers were measured (a benchmark reports its machine), and the engine's matmul kernels."""
     import transformers
 
+    model = engine.model
     info = {
         "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
@@ -364,8 +358,8 @@ def machine_info(model) -> dict:
     }
     if hasattr(os, "getloadavg"):  # other work on the machine skews absolute numbers (ratios less so)
         info["load_average_1min"] = round(os.getloadavg()[0], 2)
-    if model.device.type == "cpu":  # the few-row matmul kernels LayerStack.tune chose, per bucket of row counts
-        info["matmul_kernels"] = dict(zip(map(str, TUNE_ROWS), layer_stack(model).tune()))
+    if model.device.type == "cpu":  # the few-row matmul kernel per bucket of row counts (kernels.tune)
+        info["matmul_kernels"] = dict(zip(map(str, TUNE_ROWS), engine.kernels))
     if model.device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(model.device)
     return info

@@ -71,11 +71,9 @@ def add_parser(subparsers) -> None:
 
 def _check_drafting(args) -> None:
     """Fail fast on bad drafting options, before a model is loaded."""
-    from layerskip.decoding.api import check_options
+    from layerskip.decoding.config import DecodeConfig
 
-    check_options(confidence_threshold=args.confidence_threshold)
-    if args.draft_vocab is not None and args.draft_vocab < 0:
-        raise LayerSkipError(f"--draft-vocab must be >= 0 (0 = the full vocabulary), got {args.draft_vocab}")
+    DecodeConfig("self_speculative", confidence_threshold=args.confidence_threshold, draft_vocab=args.draft_vocab)
 
 
 def _model_flags(p: argparse.ArgumentParser) -> None:
@@ -92,15 +90,14 @@ def _task_flags(p: argparse.ArgumentParser, *, default_task: str) -> None:
 
 
 def _load_model(args, spec=None):
-    import torch
-
+    """(model, tokenizer, engine): loaded as the flags say, the engine's CPU matmul kernels tuned."""
+    from layerskip.decoding.api import prepare
     from layerskip.models import load
+    from layerskip.runtime import set_threads
 
-    if args.threads is not None:
-        if args.threads < 1:
-            raise LayerSkipError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
-    return load(spec if spec is not None else args.model, dtype=args.dtype, device=args.device)
+    set_threads(args.threads)
+    model, tokenizer = load(spec if spec is not None else args.model, dtype=args.dtype, device=args.device)
+    return model, tokenizer, prepare(model, tune=True)
 
 
 def _positive(value, flag):
@@ -121,12 +118,12 @@ def cmd_bench(args) -> int:
     _check_drafting(args)
     strategies = parse_strategies(args.strategies)
     task = load_task(args.task, data_file=args.data_file, limit=args.limit)
-    model, tokenizer = _load_model(args)
+    model, tokenizer, engine = _load_model(args)
     report = run_bench(model, tokenizer, task, strategies=strategies, exit_layer=args.exit_layer,
                        num_speculations=args.num_speculations, confidence_threshold=args.confidence_threshold,
                        draft_vocab=args.draft_vocab, max_new_tokens=args.max_new_tokens,
                        compare_transformers=args.compare_transformers, score=not args.no_metrics,
-                       model_name=args.model or "default")
+                       model_name=args.model or "default", engine=engine)
     print(format_table(report))
     if args.json:
         io.write_json(args.json, report.to_dict())
@@ -145,10 +142,10 @@ def cmd_sweep(args) -> int:
     task = load_task(args.task, data_file=args.data_file, limit=args.limit)
     if args.replay is not None:
         return _replay(args, task, exit_layers, specs)
-    model, tokenizer = _load_model(args)
+    model, tokenizer, engine = _load_model(args)
     result = run_sweep(model, tokenizer, task, exit_layers, specs, args.out, max_new_tokens=args.max_new_tokens,
                        model_name=args.model or "default", confidence_threshold=args.confidence_threshold,
-                       draft_vocab=args.draft_vocab)
+                       draft_vocab=args.draft_vocab, engine=engine)
     if result.measured < len(exit_layers) * len(specs):
         print(f"resumed: {len(exit_layers) * len(specs) - result.measured} (E, d) pairs were already in {result.csv_path}")
     cols = ["E", "d", "tok/s", "AR tok/s", "speedup", "predicted", "accept", "tok/round"]
@@ -167,17 +164,18 @@ def cmd_sweep(args) -> int:
 def _replay(args, task, exit_layers, specs) -> int:
     from pathlib import Path
 
-    from layerskip.decoding.api import resolve_confidence_threshold
     from layerskip import files as io
+    from layerskip.decoding.config import DecodeConfig
     from layerskip.evaluation import plots
     from layerskip.evaluation.replay import FIELDS, replay_grid
     from layerskip.evaluation.sweep import check_grid
 
     thresholds = _float_list(args.replay, "--replay") if args.replay else None
-    model, tokenizer = _load_model(args)
+    model, tokenizer, engine = _load_model(args)
     check_grid(exit_layers, specs, model.config.num_hidden_layers)
-    thresholds = thresholds or [resolve_confidence_threshold(model, args.confidence_threshold)]
-    rows = replay_grid(model, tokenizer, task, exit_layers, specs, thresholds, max_new_tokens=args.max_new_tokens,
+    thresholds = thresholds or [DecodeConfig("self_speculative", confidence_threshold=args.confidence_threshold)
+                                .resolve(model, warn=False).confidence_threshold]
+    rows = replay_grid(engine, tokenizer, task, exit_layers, specs, thresholds, max_new_tokens=args.max_new_tokens,
                        draft_vocab=args.draft_vocab)
     if not rows:
         raise LayerSkipError("no prompt produced any token to replay")
@@ -234,10 +232,10 @@ def cmd_analyze(args) -> int:
     specs = [args.model] + ([args.compare] if args.compare else [])
     labels = _labels(specs)
     for spec, label in zip(specs, labels):
-        model, tokenizer = _load_model(args, spec)
-        results[label] = analyze_layers(model, tokenizer, texts, max_length=args.max_length,
+        model, tokenizer, engine = _load_model(args, spec)
+        results[label] = analyze_layers(engine, tokenizer, texts, max_length=args.max_length,
                                         max_tokens=args.max_tokens, progress=True)
-        del model
+        del model, engine
     csv_path, png_path = write_analysis(results, args.out, title=f"{' vs '.join(labels)} · {source}")
     cols = ["model", "layer", "agreement", "perplexity", "accuracy"]
     rows = [[label, str(s.layer), f"{s.agreement:.3f}", f"{s.perplexity:.2f}", f"{s.accuracy:.3f}"]

@@ -1,6 +1,6 @@
 """The cost model of self-speculative decoding: what speedup the per-step costs allow.
 
-Terminology (DESIGN.md "Cost model"): L layers, exit layer E, k drafts in a round.
+Terminology: L layers, exit layer E, k drafts in a round.
   t_E     one draft step: one token through layers [0, E) + final norm + LM head + argmax (the head
           restricted to the draft vocabulary when drafting uses one).
   t_v(k)  one verify pass: the last draft through [0, E), then layers [E, L) on k + 1 positions,
@@ -10,7 +10,7 @@ Terminology (DESIGN.md "Cost model"): L layers, exit layer E, k drafts in a roun
 
   predicted speedup = n̄ · t_ar / (k · t_E + t_v(k))
 
-Each time is measured in isolation with the decoding engine's own forward (`layerskip.forward`) over
+Each time is measured in isolation with the decoding functions themselves (draft, verify, step) over
 a KV cache holding `context_len` positions, so the prediction leaves out exactly the decode loop's
 own overhead (token bookkeeping, stop checks, Python): measured / predicted says how much of the
 ideal the loop delivers. With an i.i.d. per-token acceptance α, n̄ = (1 − α^(k+1)) / (1 − α)
@@ -24,9 +24,13 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from layerskip.decoding.api import attention_backends, layer_stack
-from layerskip.decoding.timing import clock
+from layerskip.decoding.api import attention_backends, prepare
+from layerskip.decoding.autoregressive import step
+from layerskip.decoding.sampling import SamplingParams
+from layerskip.decoding.self_speculative import Draft, draft
+from layerskip.decoding.self_speculative import verify as verify_pass
 from layerskip.errors import LayerSkipError
+from layerskip.runtime import clock
 
 
 @dataclass
@@ -79,21 +83,23 @@ def measure_step_times(model, exit_layer: int, ks, *, context_len: int = 64, rep
                        warmup: int = 3, draft_vocab: torch.Tensor | None = None) -> StepTimes:
     """Time t_E, t_ar and t_v(k) for each k in `ks`, each in isolation, with a cache of `context_len`.
 
-    The pieces are timed in turn within each repetition (not one after the other), so a slow spell on a shared
+    Every piece is the decoding code itself: a draft step is `self_speculative.draft` of one token, a verify pass
+    `self_speculative.verify` of a `Draft` holding k drafts, an autoregressive step `autoregressive.step`. The
+    pieces are timed in turn within each repetition (not one after the other), so a slow spell on a shared
     machine slows all of them alike and their ratios, which the predictions use, hold steadier.
 
     Args:
-        model: a loaded supported transformers model.
+        model: a loaded supported transformers model, or its engine (`layerskip.prepare`).
         exit_layer: E, 1 <= E < L.
         ks: draft counts to time the verify pass at (each >= 0).
         context_len: positions already in the cache (e.g. a typical prompt + half the new tokens).
         repeats, warmup: timed and untimed repetitions per piece; the median is kept.
         draft_vocab: the draft vocabulary's token ids (a LongTensor on the model's device), or None: the draft
-            step's head scores only these (`layerskip.decoding.api.resolve_draft_vocab`).
+            step's head scores only these.
     Returns:
         StepTimes.
     """
-    stack = layer_stack(model)
+    stack = prepare(model)
     L = stack.num_layers
     if not 1 <= exit_layer < L:
         raise LayerSkipError(f"exit_layer must be in [1, {L - 1}] for this {L}-layer model, got {exit_layer}")
@@ -105,38 +111,33 @@ def measure_step_times(model, exit_layer: int, ks, *, context_len: int = 64, rep
     ids = torch.randint(0, stack.vocab_size, (1, context_len + max_k + 2), generator=gen).to(stack.device)
     cache = stack.new_cache(context_len + max_k + 2)
     T = context_len
-
-    def step(num_layers: int, vocab=None) -> None:  # one token at position T through [0, num_layers) + head
-        h = stack.run(stack.embed(ids[:, T:T + 1]), 0, num_layers, cache, T)  # (1, 1, H)
-        stack.logits(h[:, -1], vocab).argmax(-1)
+    greedy = SamplingParams()
+    x0 = ids[:, T:T + 1]  # (1, 1): the pending token of every piece, at position T
 
     with torch.inference_mode(), attention_backends(stack.device):
         stack.run(stack.embed(ids[:, :T]), 0, L, cache, 0)  # the context, in every layer
-        # The drafts' exit hidden states for the largest k; each verify pass takes its first k (the same
-        # tokens, so every piece below writes the cache positions it touches with the same values).
-        exits_all = (stack.run(stack.embed(ids[:, T:T + max_k]), 0, exit_layer, cache, T) if max_k
-                     else stack.embed(ids[:, :0]))  # (1, max_k, H)
+        # The exit hidden states of x0 and drafts d1..d_{max_k - 1} (= ids[T + 1:]); each verify pass takes the
+        # first k of them, so every piece below writes the cache positions it touches with the same values.
+        exits_all = stack.run(stack.embed(ids[:, T:T + max(max_k, 1)]), 0, exit_layer, cache, T)  # (1, max_k, H)
 
-        def verify(k):
-            last = stack.run(stack.embed(ids[:, T + k:T + k + 1]), 0, exit_layer, cache, T + k)  # (1, 1, H)
-            h = stack.run(torch.cat([exits_all[:, :k], last], 1), exit_layer, L, cache, T)  # (1, k + 1, H)
-            stack.logits(h[0]).argmax(-1)  # (k + 1,)
+        def verify(k: int) -> None:
+            if k == 0:  # no draft: x0 through [0, E) (the draft call), then [E, L)
+                d = draft(stack, cache, x0, T, exit_layer, 0, greedy)
+            else:
+                d = Draft(ids[0, T + 1:T + 1 + k], None, exits_all[:, :k], T, 1)  # fed = k - 1
+            verify_pass(stack, cache, d, exit_layer).argmax(-1)  # (k + 1,)
 
         # (name, piece, each layer's valid length before it): the round's state before verifying k drafts is
         # early layers holding x0, d1..d_{k-1} (T + k positions), late layers the context only.
-        pieces = [("draft", lambda: step(exit_layer, draft_vocab), [T] * L), ("ar", lambda: step(L), [T] * L)]
+        pieces = [("draft", lambda: draft(stack, cache, x0, T, exit_layer, 1, greedy, vocab=draft_vocab), [T] * L),
+                  ("ar", lambda: step(stack, cache, x0, T, L, greedy), [T] * L)]
         if draft_vocab is not None:
-            pieces.append(("exit", lambda: step(exit_layer), [T] * L))
+            pieces.append(("exit", lambda: step(stack, cache, x0, T, exit_layer, greedy), [T] * L))
         pieces += [(k, lambda k=k: verify(k), [T + k] * exit_layer + [T] * (L - exit_layer)) for k in ks]
         times = _interleaved_medians(pieces, cache, repeats, warmup, stack)
-        _reset(cache, [T] * L)
+        cache.restore([T] * L)
     return StepTimes(exit_layer=exit_layer, context_len=T, t_draft=times["draft"], t_ar=times["ar"],
                      t_verify={k: times[k] for k in ks}, t_exit=times.get("exit"))
-
-
-def _reset(cache, valid: list[int]) -> None:
-    """Set each layer's valid length (the cache's rollback, per layer)."""
-    cache.valid = list(valid)
 
 
 def _interleaved_medians(pieces, cache, repeats: int, warmup: int, stack) -> dict:
@@ -145,7 +146,7 @@ def _interleaved_medians(pieces, cache, repeats: int, warmup: int, stack) -> dic
     times = {name: [] for name, _, _ in pieces}
     for i in range(warmup + repeats):
         for name, fn, valid in pieces:
-            _reset(cache, valid)
+            cache.restore(valid)
             t0 = clock(stack.device)
             fn()
             t1 = clock(stack.device)

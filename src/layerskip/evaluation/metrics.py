@@ -9,17 +9,8 @@ import math
 import re
 from concurrent.futures import ThreadPoolExecutor
 
+from layerskip.decoding.stopping import cut_at_stop as truncate_at_stop  # noqa: F401 (re-exported)
 from layerskip.errors import LayerSkipError
-
-
-def truncate_at_stop(text: str, stop_strings) -> str:
-    """Cut `text` at the first occurrence of any stop string (the stop string itself is removed)."""
-    cut = len(text)
-    for stop in stop_strings or ():
-        i = text.find(stop)
-        if i != -1:
-            cut = min(cut, i)
-    return text[:cut]
 
 
 def normalize_answer(text: str) -> str:

@@ -23,7 +23,9 @@ from dataclasses import dataclass
 
 import torch
 
-from layerskip.decoding.api import layer_stack
+from layerskip.decoding.api import prepare
+from layerskip.decoding.sampling import greedy_accept
+from layerskip.decoding.self_speculative import confident
 from layerskip.evaluation.cost_model import StepTimes
 
 
@@ -45,7 +47,7 @@ def trace_exits(model, prompt: list[int], output: list[int], exit_layers, draft_
 
     draft_vocab: the draft head's token ids (as in decoding), or None for the full head.
     """
-    stack = layer_stack(model)
+    stack = prepare(model)
     ids = torch.tensor([prompt + output], device=stack.device)  # (1, T + n)
     T, n = len(prompt), len(output)
     wanted = set(exit_layers)
@@ -75,18 +77,14 @@ def replay_rounds(trace: ExitTrace, exit_layer: int, num_speculations: int, conf
     top = trace.confidence[exit_layer].tolist()
     n = len(tokens)
     limit = n if max_new_tokens is None else max_new_tokens
+    target = torch.tensor(tokens + [-1])  # -1: past the output's end nothing is compared
     rounds, i = [], 0  # i: tokens emitted before this round
     while i < n:
         k_max = min(num_speculations, limit - i - 1)
-        k = a = 0
-        right = True
-        while k < k_max:
-            p = i + k  # the position this draft predicts (0-based in the output)
-            if p >= n or (confidence_threshold > 0 and top[p] < confidence_threshold):
-                break  # past the output's end, the decode stopped; or not confident enough
-            right = right and draft[p] == tokens[p]
-            a += right
-            k += 1
+        k = 0
+        while k < k_max and i + k < n and confident(top[i + k], confidence_threshold):
+            k += 1  # past the output's end the decode stopped; below the threshold drafting ends the round
+        a, _ = greedy_accept(torch.tensor(draft[i:i + k]), target[i:i + k + 1])  # the decoder's own acceptance
         rounds.append((k, a))
         i += a + 1
     return rounds
@@ -117,18 +115,20 @@ def replay_grid(model, tokenizer, task, exit_layers, num_speculations, threshold
     from tqdm import tqdm
 
     import layerskip
-    from layerskip.decoding.api import resolve_draft_vocab
-    from layerskip.evaluation.bench import encode_prompt, eos_ids
+    from layerskip.decoding.config import DecodeConfig, eos_ids
+    from layerskip.evaluation.bench import encode_prompt
     from layerskip.evaluation.cost_model import measure_step_times
 
-    stack = layer_stack(model)
-    vocab = resolve_draft_vocab(model, draft_vocab, stack.device)
+    stack = prepare(model)
+    model = stack.model
+    vocab = DecodeConfig("self_speculative", draft_vocab=draft_vocab).resolve(model, warn=False).draft_vocab_tensor(
+        stack.device)
     eos = eos_ids(model, tokenizer)
     traces, contexts = [], []  # contexts: a typical cache length while decoding each output
     for sample in tqdm(task.samples, desc="replay: decode + trace", disable=not progress, leave=False):
         prompt = encode_prompt(tokenizer, sample, model, max_new_tokens)
-        out = layerskip.generate(model, prompt, max_new_tokens=max_new_tokens, eos_token_id=eos or None,
-                                 stop_strings=list(sample.stop_strings) or None, tokenizer=tokenizer).token_ids
+        out = layerskip.generate(stack, prompt, max_new_tokens=max_new_tokens, eos_token_id=eos or None,
+                                 stop_strings=tuple(sample.stop_strings), tokenizer=tokenizer).token_ids
         if out:
             traces.append(trace_exits(model, prompt, out, exit_layers, vocab))
             contexts.append(len(prompt) + len(out) // 2)
@@ -138,7 +138,7 @@ def replay_grid(model, tokenizer, task, exit_layers, num_speculations, threshold
     context = sum(contexts) // len(contexts)
     rows = []
     for E in tqdm(list(exit_layers), desc="replay: step times", disable=not progress, leave=False):
-        times = measure_step_times(model, E, range(0, max(num_speculations) + 1), context_len=context,
+        times = measure_step_times(stack, E, range(0, max(num_speculations) + 1), context_len=context,
                                    draft_vocab=vocab)
         for d in num_speculations:
             for c in thresholds:

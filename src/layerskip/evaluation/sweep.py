@@ -71,7 +71,7 @@ def check_grid(exit_layers: list[int], num_speculations: list[int], num_layers: 
 def run_sweep(model, tokenizer, task: Task, exit_layers: list[int], num_speculations: list[int],
               out_dir: str | Path, *, max_new_tokens: int = 64, model_name: str = "", predict: bool = True,
               progress: bool = True, on_row: Callable[[dict], None] | None = None,
-              confidence_threshold: float | None = None, draft_vocab: int | None = None) -> SweepResult:
+              confidence_threshold: float | None = None, draft_vocab: int | None = None, engine=None) -> SweepResult:
     """Measure every (E, d) pair not yet in `out_dir`/sweep.csv, then write the heatmap.
 
     Args:
@@ -80,6 +80,7 @@ def run_sweep(model, tokenizer, task: Task, exit_layers: list[int], num_speculat
         out_dir: where sweep.csv / sweep.png / sweep.json go (created if needed).
         on_row: called with each new row after it is saved (e.g. to report progress).
         confidence_threshold, draft_vocab: drafting options for every row (see `layerskip.generate`).
+        engine: the model's engine (`layerskip.prepare`), reused by every row.
     Returns:
         SweepResult.
     """
@@ -108,7 +109,7 @@ def run_sweep(model, tokenizer, task: Task, exit_layers: list[int], num_speculat
         report = run_bench(model, tokenizer, task, strategies=["self_speculative"], exit_layer=e,
                            num_speculations=d, confidence_threshold=confidence_threshold, draft_vocab=draft_vocab,
                            max_new_tokens=max_new_tokens, warmup=i == 0, score=False,
-                           predict=predict, model_name=model_name, progress=False)
+                           predict=predict, model_name=model_name, progress=False, engine=engine)
         ar, ss = report.result("autoregressive"), report.result("self_speculative")
         row = {"exit_layer": e, "num_speculations": d, "tokens_per_second": ss.tokens_per_second,
                "ar_tokens_per_second": ar.tokens_per_second, "speedup": ss.speedup,
