@@ -21,7 +21,7 @@ import platform
 import torch
 
 from layerskip.evaluation.cost_model import expected_tokens_per_round, measure_step_times
-from layerskip.models import make_random_model
+from layerskip.testing import make_random_model
 
 # name: (layers, width, MLP width, query heads, key-value heads); all with the built-in model's vocab 4096, tied
 SHAPES = {

@@ -29,7 +29,7 @@ import torch
 
 import layerskip
 from layerskip.evaluation.cost_model import measure_step_times, predicted_speedup
-from layerskip.models import make_random_model
+from layerskip.testing import make_random_model
 
 
 def build_model(exit_layer: int, device: str, dtype: torch.dtype):

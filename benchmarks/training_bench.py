@@ -36,7 +36,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from layerskip.models import make_random_model
+from layerskip.testing import make_random_model
 from layerskip.training.curriculum import Curriculum
 from layerskip.training.layer_dropout import LayerDropout
 from layerskip.training.model import LayerSkipModel

@@ -7,7 +7,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest
 import torch
 
-from layerskip.models import make_random_model
+from layerskip.testing import make_random_model
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 

@@ -5,7 +5,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import layerskip
-from layerskip.models import make_random_model
+from layerskip.testing import make_random_model
 
 
 def hf_greedy(model, ids, n, eos=None):

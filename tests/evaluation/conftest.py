@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from layerskip.models import make_random_model
+from layerskip.testing import make_random_model
 
 CORPUS = [
     "def add(a, b):\n    return a + b\n",

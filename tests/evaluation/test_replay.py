@@ -5,7 +5,7 @@ import torch
 import layerskip
 from layerskip.evaluation.cost_model import StepTimes
 from layerskip.evaluation.replay import predicted_speedup, replay_rounds, trace_exits
-from layerskip.models import make_random_model
+from layerskip.testing import make_random_model
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from layerskip.models import make_random_model
+from layerskip.testing import make_random_model
 from layerskip.training.curriculum import Curriculum
 from layerskip.training.early_exit_loss import early_exit_loss, exit_scales, exit_weights
 from layerskip.training.layer_dropout import LayerDropout

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from layerskip.models import make_random_model
+from layerskip.testing import make_random_model
 from layerskip.training.layer_dropout import LayerDropout, depth_scale, mask_seed, run_on_rows, time_scale
 from layerskip.training.model import causal_masks
 

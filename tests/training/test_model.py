@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from layerskip.models import make_random_model
+from layerskip.testing import make_random_model
 from layerskip.training.curriculum import Curriculum
 from layerskip.training.layer_dropout import LayerDropout
 from layerskip.training.model import LayerSkipModel

@@ -1,5 +1,5 @@
 """Helpers shared by the training tests (a module with its own name: `conftest` is ambiguous on sys.path)."""
-from layerskip.models import make_random_model
+from layerskip.testing import make_random_model
 
 
 def byte_tokenizer():
