@@ -108,8 +108,8 @@ def test_eos_stops_and_is_kept(strategy, eos_index):
     free = layerskip.generate(model, ids, max_new_tokens=20, eos_token_id=[]).token_ids
     eos = free[eos_index]
     first = free.index(eos)
-    out = layerskip.generate(model, ids, strategy=strategy, exit_layer=2, num_speculations=8, max_new_tokens=20,
-                             eos_token_id=eos)
+    spec = dict(exit_layer=2, num_speculations=8) if strategy == "self_speculative" else {}
+    out = layerskip.generate(model, ids, strategy=strategy, max_new_tokens=20, eos_token_id=eos, **spec)
     assert out.token_ids == free[: first + 1]
     assert out.stats.stop_reason == "eos"
 
@@ -163,14 +163,18 @@ def test_transformers_streamer_protocol(tiny_llama):
 
 def test_stats_fields(tiny_llama):
     out = layerskip.generate(tiny_llama, prompt(6), strategy="self_speculative", exit_layer=2, num_speculations=3,
-                             max_new_tokens=16, eos_token_id=[])
+                             max_new_tokens=16, eos_token_id=[], timings=True)
     s = out.stats
     assert s.num_new_tokens == 16 and s.tokens_per_second > 0 and s.rounds == len(s.accepted_per_round)
     assert s.accepted == sum(s.accepted_per_round) and 0 <= s.acceptance_rate <= 1
     assert s.draft_s > 0 and s.verify_s > 0 and s.total_s >= s.draft_s + s.verify_s
+    assert 0 < s.first_token_s <= s.total_s
     assert s.num_new_tokens == s.accepted + s.rounds  # each round: accepted drafts + one verifier token
-    ar = layerskip.generate(tiny_llama, prompt(6), max_new_tokens=4).stats
+    ar = layerskip.generate(tiny_llama, prompt(6), max_new_tokens=4, timings=True).stats
     assert ar.acceptance_rate is None and ar.prefill_s > 0
+    untimed = layerskip.generate(tiny_llama, prompt(6), strategy="self_speculative", exit_layer=2,
+                                 max_new_tokens=8).stats
+    assert untimed.draft_s is None and untimed.verify_s is None and untimed.total_s > 0  # timing is opt-in
     assert set(s.as_dict()) >= {"tokens_per_second", "acceptance_rate", "num_new_tokens", "draft_s", "verify_s"}
 
 

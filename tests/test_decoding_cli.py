@@ -40,15 +40,15 @@ def test_prompt_from_stdin(tiny_checkpoint):
 
 @pytest.mark.parametrize("args,message", [
     (["--strategy", "beam"], "unknown strategy"),
-    (["--strategy", "early-exit", "--exit-layer", "0"], "exit_layer must be an integer in [1, 3]"),
+    (["--strategy", "early-exit", "--exit-layer", "0"], "exit_layer must be an integer >= 1"),
     (["--strategy", "self-speculative", "--exit-layer", "4"], "exit_layer must be an integer in [1, 3]"),
     (["--strategy", "self-speculative", "--num-speculations", "0"], "num_speculations must be"),
     (["--max-new-tokens", "-3"], "max_new_tokens must be"),
-    (["--sample", "--temperature", "0"], "temperature must be > 0"),
-    (["--sample", "--top-p", "1.5"], "top_p must be in (0, 1]"),
+    (["--sample", "--temperature", "0"], "temperature must be a finite number > 0"),
+    (["--sample", "--top-p", "1.5"], "top_p must be a number in (0, 1]"),
     (["--max-new-tokens", "5000"], "exceeds the model's 512 positions"),
     (["--strategy", "self-speculative", "--confidence-threshold", "1"], "confidence_threshold must be a number in [0, 1)"),
-    (["--strategy", "self-speculative", "--draft-vocab", "-2"], "draft_vocab must be >= 0"),
+    (["--strategy", "self-speculative", "--draft-vocab", "-2"], "draft_vocab must be None, an integer >= 0"),
     (["--strategy", "self-speculative", "--draft-vocab", "100"], "needs a model trained by `layerskip train`"),
 ])
 def test_bad_options(tiny_checkpoint, capsys, args, message):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import layerskip
-from layerskip.decoding import draft_vocab
+from layerskip import draft_vocab
 from layerskip.errors import LayerSkipError
 from layerskip.forward import LayerStack
 from layerskip.testing import make_random_model
@@ -139,8 +139,8 @@ def test_resolve_draft_vocab():
 
 def test_stored_settings_are_the_defaults():
     model = make_random_model("llama", num_layers=4, num_kv_heads=2, seed=0)
-    model.config.layerskip = {"exit_layer": 2, "num_speculations": 3, "confidence_threshold": 0.02,
-                              "draft_vocab": list(range(0, 256, 4))}
+    model.config.layerskip = {"exit_layer": 2, "num_speculations": 3, "confidence_threshold": 0.02}
+    model.draft_vocab_ids = list(range(0, 256, 4))  # what models.load reads from draft_vocab.json
     out = layerskip.generate(model, prompt(4), strategy="self_speculative", max_new_tokens=10, eos_token_id=[])
     s = out.stats
     assert (s.exit_layer, s.num_speculations, s.confidence_threshold, s.draft_vocab_size) == (2, 3, 0.02, 64)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from layerskip.errors import LayerSkipError
-from layerskip.evaluation.analyze import analyze_layers, layer_logits, read_texts, write_analysis
+from layerskip.evaluation.analyze import analyze_layers, read_texts, write_analysis
 
 TEXTS = ["def add(a, b):\n    return a + b\n", "The quick brown fox jumps over the lazy dog."]
 
@@ -49,18 +49,6 @@ def hand_analysis(model, tokenizer, texts, window):
                 nll[l] += float(F.cross_entropy(logits, targets, reduction="sum"))
             n += len(w) - 1
     return [(agree[l] / n, math.exp(nll[l] / n), correct[l] / n) for l in range(L)], n
-
-
-def test_hidden_states_convention(tiny, tokenizer):
-    """transformers 5: hidden_states[l] (l < L) is raw; hidden_states[L] is already final-normed."""
-    ids = torch.tensor([tokenizer(TEXTS[0]).input_ids])
-    with torch.no_grad():
-        out = tiny(ids, output_hidden_states=True)
-        hand = hand_layer_logits(tiny, ids)
-        assert len(out.hidden_states) == tiny.config.num_hidden_layers + 1
-        for l in range(1, tiny.config.num_hidden_layers + 1):
-            torch.testing.assert_close(layer_logits(tiny, out.hidden_states, l)[0], hand[l - 1], rtol=1e-4, atol=1e-5)
-        assert torch.equal(layer_logits(tiny, out.hidden_states, tiny.config.num_hidden_layers), out.logits)
 
 
 @pytest.mark.parametrize("window", [512, 7])
