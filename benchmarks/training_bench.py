@@ -1,6 +1,6 @@
 """Training benchmark: what layer dropout saves, what the early-exit loss costs, in time and peak memory.
 
-    python -m layerskip.training.bench [--layers 16 --hidden 512 --vocab 4096 --seq-len 256 --batch-size 4]
+    python benchmarks/training_bench.py [--layers 16 --hidden 512 --vocab 4096 --seq-len 256 --batch-size 4]
 
 One training step = the LayerSkip forward + backward + AdamW step, on one random Llama model and one batch.
 Measured side by side in one run, each configuration once per round, in a rotating order, medians reported:
@@ -147,7 +147,7 @@ def measure_memory(args) -> dict:
     out = {}
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
     for kind in MEMORY:
-        cmd = [sys.executable, "-m", "layerskip.training.bench", "--memory-child", kind, *shape_argv(args)]
+        cmd = [sys.executable, os.path.abspath(__file__), "--memory-child", kind, *shape_argv(args)]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
         out[kind] = json.loads(proc.stdout.strip().splitlines()[-1])
     last = out["last"]["training_kib"]
@@ -211,7 +211,7 @@ def report(result: dict, args) -> str:
 
 
 def parse(argv=None):
-    p = argparse.ArgumentParser(prog="python -m layerskip.training.bench", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python benchmarks/training_bench.py", description=__doc__.split("\n")[0])
     p.add_argument("--layers", type=int, default=16)
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--intermediate", type=int, default=1376)

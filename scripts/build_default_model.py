@@ -12,7 +12,8 @@ on the machine whose CPU the default (E, d) is chosen for:
            prompts cut from the train split), then `layerskip train --early-exit-targets final` on them
            (DISTILL_FLAGS below; CPU-sized: about 13 + 18 minutes a round on 2 cores, three rounds)
   finish   `layerskip sweep` on held-out prompts picks (E, d); they are stored in config.json under
-           "layerskip"; the weights are saved in bfloat16 into src/layerskip/assets/default-model.
+           "layerskip", the draft vocabulary beside the weights in draft_vocab.json (layerskip.draft_vocab);
+           the weights are saved in bfloat16 into src/layerskip/assets/default-model.
 
     python scripts/build_default_model.py all            # everything, on this machine
     python scripts/build_default_model.py prepare        # then `train` where a GPU is, then `distill`, `finish`
@@ -22,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import shutil
 import subprocess
 import sys
@@ -149,22 +149,27 @@ def finish(out: Path, limit: int) -> None:
 
     import torch
 
+    from layerskip import draft_vocab as draft_vocabulary
+    from layerskip.files import atomic_dir
     from layerskip.models import load
-    from layerskip.training.trainer import store_draft_vocab
+    from layerskip.training.trainer import rank_draft_vocab
 
     model_dir = out / "distilled"
     model, tokenizer = load(str(model_dir if model_dir.exists() else out / "layerskip"))
-    # the draft vocabulary: the training data's most frequent tokens (`layerskip train` stores them; a model
-    # trained before it did gets them here, from the same data)
-    if "draft_vocab" not in (getattr(model.config, "layerskip", None) or {}):
+    # the draft vocabulary: the training data's most frequent tokens (`layerskip train` stores them in
+    # draft_vocab.json, which `load` attaches; a model trained before it did gets them here, from the same data)
+    ranked = getattr(model, "draft_vocab_ids", None)
+    if not ranked:
         texts = [json.loads(line)["text"] for line in open(out / "train.jsonl")]
         ids = torch.tensor([i for e in tokenizer(texts, add_special_tokens=False)["input_ids"] for i in e])
-        store_draft_vocab(model.config, ids)
-    draft_vocab = model.config.layerskip["draft_vocab"][:DRAFT_VOCAB]
-    model.config.layerskip = {"draft_vocab": draft_vocab}
+        ranked = rank_draft_vocab(ids, model.config.vocab_size)
+    draft_vocab = ranked[:DRAFT_VOCAB]
+    if hasattr(model.config, "layerskip"):  # no stored (E, d, C) while sweeping for them
+        del model.config.layerskip
     tmp_model = out / "layerskip-draft"
     model.save_pretrained(tmp_model)
     tokenizer.save_pretrained(tmp_model)
+    draft_vocabulary.write(tmp_model, draft_vocab)
     # (E, d, C) by replaying the model's own greedy decodes of held-out prompts through every cell's rounds, costed
     # with step times measured here (`layerskip sweep --replay`), for each prompt shape; the cell with the best
     # geometric mean of the predicted speedups wins
@@ -184,14 +189,11 @@ def finish(out: Path, limit: int) -> None:
     model.config.layerskip = {"trained": True, "exit_layer": int(best["exit_layer"]),
                               "num_speculations": int(best["num_speculations"]),
                               "confidence_threshold": best["confidence_threshold"],
-                              "recipe": "scripts/build_default_model.py (see docs/default_model.md)",
-                              "draft_vocab": draft_vocab}
-    tmp = ASSET.with_name(ASSET.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.to(torch.bfloat16).save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(ASSET, ignore_errors=True)
-    os.replace(tmp, ASSET)
+                              "recipe": "scripts/build_default_model.py (see docs/default_model.md)"}
+    with atomic_dir(ASSET) as tmp:
+        model.to(torch.bfloat16).save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        draft_vocabulary.write(tmp, draft_vocab)
     shutil.rmtree(tmp_model, ignore_errors=True)
     print(f"default model written to {ASSET}: E={best['exit_layer']} d={best['num_speculations']} "
           f"confidence threshold {best['confidence_threshold']:g}, draft vocabulary {len(draft_vocab)}: "

@@ -7,8 +7,9 @@ lossless: the verifier always scores the full vocabulary, so a token outside the
 simply never drafted (the verifier emits it itself).
 
 Where it comes from: `layerskip train` counts the token ids of its training data and stores the most
-frequent ones, enough to cover COVERAGE of the training tokens, in config.json under
-"layerskip": {"draft_vocab": [ids, most frequent first]}. `generate(draft_vocab=...)` picks:
+frequent ones, enough to cover COVERAGE of the training tokens, beside the weights in draft_vocab.json:
+{"ids": [ids, most frequent first]} (`write` / `read`; config.json keeps small settings only). The model
+loader attaches the list as `model.draft_vocab_ids`. `generate(draft_vocab=...)` picks:
   None   the stored list if the model has one, else the full vocabulary;
   0      the full vocabulary;
   N > 0  the N most frequent stored ids (or all stored, if fewer);
@@ -16,11 +17,47 @@ frequent ones, enough to cover COVERAGE of the training tokens, in config.json u
 """
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+
 import torch
 
 from layerskip.errors import LayerSkipError
+from layerskip.files import write_json
 
 COVERAGE = 0.99  # share of the training tokens the stored draft vocabulary covers
+FILE_NAME = "draft_vocab.json"  # beside the weights: {"ids": [token ids, most frequent first]}
+
+
+def write(directory: str | os.PathLike, ids) -> Path:
+    """Store the draft vocabulary `ids` (most frequent first) as `directory`/draft_vocab.json, atomically.
+
+    Returns:
+        The file written.
+    """
+    path = Path(directory) / FILE_NAME
+    write_json(path, {"ids": [int(i) for i in ids]})
+    return path
+
+
+def read(directory: str | os.PathLike) -> list[int] | None:
+    """The draft vocabulary stored in `directory`/draft_vocab.json, or None if there is no such file.
+
+    Raises:
+        LayerSkipError naming the file if it is not a JSON object with an "ids" list of non-negative integers.
+    """
+    path = Path(directory) / FILE_NAME
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise LayerSkipError(f"{path}: cannot read the draft vocabulary ({str(e).splitlines()[0]})") from None
+    ids = data.get("ids") if isinstance(data, dict) else None
+    if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        raise LayerSkipError(f'{path}: expected {{"ids": [token ids]}}, a list of non-negative integers')
+    return ids
 
 
 def rank_tokens(counts: torch.Tensor, coverage: float = COVERAGE) -> list[int]:

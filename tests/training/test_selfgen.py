@@ -110,6 +110,7 @@ def test_selfgen_cli_docstring_prompts(tiny_ckpt, tmp_path):
     (["--data", "{plain}"], "no prompts"),  # a file with no function in it
     (["--limit", "0"], "--limit must be >= 1"),
     (["--max-new-tokens", "64"], "leaves no room for a prompt"),
+    (["--threads", "0"], "--threads must be an integer >= 1"),
 ])
 def test_selfgen_bad_input_is_one_line_and_writes_nothing(tiny_ckpt, tiny_data, tmp_path, capsys, extra, message):
     out = tmp_path / "gen.jsonl"

@@ -6,11 +6,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from layerskip import models
+from layerskip import draft_vocab, models
 from layerskip.cli import main
 from layerskip.training.curriculum import Curriculum
 from layerskip.training.early_exit_loss import exit_weights
 from layerskip.training.layer_dropout import LayerDropout
+from training_helpers import byte_tokenizer
 
 TINY = ["--batch-size", "4", "--seq-len", "16", "--logging-steps", "1", "--report-to", "none"]
 
@@ -56,11 +57,13 @@ def test_train_writes_the_log_checkpoints_and_a_loadable_model(tiny_ckpt, tiny_d
         assert r["layer_dropout"] == pytest.approx(dropout.rates(t))
         assert r["loss"] == pytest.approx(sum(weights[int(l)] * v for l, v in r["exit_losses"].items()), rel=1e-5)
         assert r["learning_rate"] > 0 and r["tokens_per_second"] > 0 and r["tokens"] == 4 * 16
+    # the training data's most frequent tokens are stored for drafting, in draft_vocab.json beside the weights
+    ranked = draft_vocab.read(out)
     for where in (out, out / "checkpoint-2", out / "checkpoint-4"):
         model, tok = models.load(str(where))
         assert tok is not None and model.config.num_hidden_layers == 4
-    # the training data's most frequent tokens are stored for drafting (layerskip.decoding.draft_vocab)
-    ranked = model.config.layerskip["draft_vocab"]
+        assert draft_vocab.read(where) == ranked and model.draft_vocab_ids == ranked
+        assert "layerskip" not in json.loads((where / "config.json").read_text())  # not inline in the config
     assert len(set(ranked)) == len(ranked) > 0 and all(0 <= i < model.config.vocab_size for i in ranked)
     ids = [i for f in sorted(tiny_data.rglob("*.py")) for i in tok(f.read_text(), add_special_tokens=False)["input_ids"]]
     counts = torch.bincount(torch.tensor(ids), minlength=model.config.vocab_size)
@@ -126,6 +129,63 @@ def test_nan_loss_stops_and_keeps_the_last_good_state(tiny_ckpt, tiny_data, tmp_
     model, _ = models.load(str(good))
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert not (out / "model.safetensors").exists()  # no final model from a failed run
+
+
+def _data_ranking(tok, data):
+    """Token counts of every .py file in `data` (the ranking itself counts the train blocks only)."""
+    ids = [i for f in sorted(data.rglob("*.py")) for i in tok(f.read_text(), add_special_tokens=False)["input_ids"]]
+    return torch.bincount(torch.tensor(ids), minlength=260)
+
+
+@pytest.mark.parametrize("stored,kept", [
+    ({"source": "an earlier run", "recipe": "r.yaml"}, {"source": "an earlier run", "recipe": "r.yaml"}),
+    ({}, None),  # only decoding settings: the whole "layerskip" entry goes
+])
+def test_training_from_a_layerskip_model_drops_its_decoding_settings(tiny_ckpt, tiny_data, tmp_path, capsys,
+                                                                    stored, kept):
+    start = tmp_path / "tuned"
+    shutil.copytree(tiny_ckpt, start)
+    config = json.loads((start / "config.json").read_text())
+    old_vocab = [259, 258]  # ids packing never produces (258 is <pad>, 259 no token)
+    config["layerskip"] = {**stored, "exit_layer": 2, "num_speculations": 3, "confidence_threshold": 0.5,
+                           "draft_vocab": old_vocab}
+    (start / "config.json").write_text(json.dumps(config))
+    draft_vocab.write(start, old_vocab)  # and the file a newer run would have left
+    out = tmp_path / "run"
+    rc, _, err = _train(capsys, "--model", start, "--data", tiny_data, "--output-dir", out, "--max-steps", 2,
+                        "--save-steps", 2)
+    assert rc == 0, err[-2000:]
+    counts = _data_ranking(byte_tokenizer(), tiny_data)
+    for where in (out, out / "checkpoint-2"):
+        assert json.loads((where / "config.json").read_text()).get("layerskip") == kept
+        ranked = draft_vocab.read(where)  # a fresh ranking, of the new data
+        assert len(ranked) > len(old_vocab) and not set(ranked) & set(old_vocab)
+        assert ranked[0] in counts.topk(3).indices.tolist()
+
+
+@pytest.mark.parametrize("make", [
+    lambda out: out.write_text("not a directory"),
+    lambda out: out.mkdir() or (out / "model.safetensors").write_bytes(b"weights"),
+    lambda out: out.mkdir() or (out / "model.safetensors.index.json").write_text('{"weight_map": {}}'),  # sharded
+], ids=["a-file", "finished", "finished-sharded"])
+def test_an_unusable_output_dir_is_refused_before_any_loading(tiny_ckpt, tiny_data, tmp_path, capsys, monkeypatch,
+                                                             make):
+    from layerskip.training import trainer
+
+    def too_late(*args, **kwargs):
+        raise AssertionError("the output directory is checked only after loading")
+
+    monkeypatch.setattr(trainer, "load_config_and_tokenizer", too_late)
+    monkeypatch.setattr(trainer, "build_datasets", too_late)
+    out = tmp_path / "used"
+    make(out)
+    before = sorted(p.name for p in out.iterdir()) if out.is_dir() else out.read_text()
+    rc, _, err = _train(capsys, "--model", tiny_ckpt, "--data", tiny_data, "--output-dir", out, "--max-steps", 2)
+    lines = err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1, err
+    message = "exists and is not a directory" if out.is_file() else "already holds a training run"
+    assert lines[0].startswith("layerskip: error: --output-dir") and message in lines[0]
+    assert (sorted(p.name for p in out.iterdir()) if out.is_dir() else out.read_text()) == before
 
 
 def test_nan_loss_at_the_first_step_saves_nothing(tiny_ckpt, tiny_data, tmp_path, capsys):

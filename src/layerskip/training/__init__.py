@@ -6,8 +6,8 @@
 Modules: layer_dropout (p(l, t), per-sample masks, skipped rows), early_exit_loss (e(l), w(t, l), the
 shared-head loss), curriculum (rotational, gradual, none, last), model (the training forward), data
 (files/JSONL/datasets -> packed blocks), config (TrainConfig, presets, YAML recipes), loading (model, config
-and tokenizer), trainer (train()), step_log (training_log.jsonl), cli (`layerskip train`), bench (the
-speed/memory benchmark).
+and tokenizer), trainer (train()), step_log (training_log.jsonl), selfgen (`layerskip selfgen`), cli
+(`layerskip train`). The speed/memory benchmark is benchmarks/training_bench.py.
 Imports are lazy so that `layerskip --help` does not load transformers.
 """
 

@@ -58,8 +58,8 @@ def run_selfgen(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from layerskip import models
-    from layerskip.decoding.cli import _set_threads
     from layerskip.errors import LayerSkipError
+    from layerskip.runtime import set_threads
     from layerskip.training.data import documents
     from layerskip.training.selfgen import greedy_continuations, prompt_budget, prompts_from, write_jsonl
 
@@ -70,7 +70,7 @@ def run_selfgen(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if not out.parent.is_dir():
         raise LayerSkipError(f"--out {out}: no such directory {out.parent}")
-    _set_threads(args.threads)
+    set_threads(args.threads)
     prompts = prompts_from(documents(args.data, args.text_field), args.limit, args.seed, args.prompt_shape)
     if not prompts:
         raise LayerSkipError(f"no prompts in --data {' '.join(args.data)} (no functions found)")

@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
+
+from layerskip.files import write_text
 
 LOG_NAME = "training_log.jsonl"
 
@@ -114,9 +115,7 @@ class TrainingLog:
         if not self.path.exists():
             return
         kept = [r for r in self.read() if r.get("step", 0) <= step]
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
-        os.replace(tmp, self.path)
+        write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
 class StepLogger(TrainerCallback):

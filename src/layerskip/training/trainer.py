@@ -5,8 +5,11 @@ loss) and runs `LayerSkipTrainer`, a transformers Trainer whose loss is the earl
   - the schedules p(l, t), C(t, l), w(t, l) and the layer-dropout masks are functions of the optimizer step
     (and of the seed, micro-batch and rank), so a run resumed from a checkpoint continues them exactly;
   - checkpoints (`checkpoint-N/`) and the final model (the output directory) are transformers checkpoints
-    with the tokenizer, which `layerskip.models.load(dir)` loads; each is written to a staging directory
-    and renamed into place, so a crash never leaves a half-written one;
+    with the tokenizer and the draft vocabulary (draft_vocab.json: the training data's most frequent tokens),
+    which `layerskip.models.load(dir)` loads; each is written to a staging directory and renamed into place,
+    so a crash never leaves a half-written one;
+  - decoding settings stored in the starting model's config ("layerskip": exit_layer, num_speculations,
+    confidence_threshold, an inline draft_vocab) were tuned for the old weights and are not carried over;
   - a NaN/inf loss stops training before that step is applied; the last good state is saved as a checkpoint.
 DDP runs with find_unused_parameters=False: every layer's parameters are in the graph on every rank at every
 step even when layer dropout drops all of a rank's rows (see `layer_dropout.run_on_rows`).
@@ -15,18 +18,19 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import re
 import shutil
 import sys
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainingArguments
 
-from layerskip.decoding import draft_vocab
+from layerskip import draft_vocab
 from layerskip.errors import LayerSkipError
+from layerskip.files import replace_dir, write_json
 from layerskip.training.config import TrainConfig
 from layerskip.training.curriculum import Curriculum
 from layerskip.training.data import build_datasets
@@ -37,6 +41,10 @@ from layerskip.training.model import LayerSkipModel
 from layerskip.training.step_log import NonFiniteLoss, StepLogger, StepStats, TrainingLog
 
 CONFIG_NAME = "layerskip_train.json"
+# a finished run's final model: single-file or sharded weights (save_pretrained writes one or the other)
+FINAL_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
+# decoding settings in config.json's "layerskip" that belong to the weights they were tuned on
+DECODING_SETTINGS = ("exit_layer", "num_speculations", "confidence_threshold", "draft_vocab")
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -55,9 +63,11 @@ class LayerSkipTrainer(Trainer):
 
     loss_is_scaled_for_ga = False  # compute_loss returns a per-micro-batch mean; the Trainer divides by GA
 
-    def __init__(self, *args, step_logger: StepLogger, stats: StepStats, **kwargs):
+    def __init__(self, *args, step_logger: StepLogger, stats: StepStats, draft_vocab_ids: list[int] | None = None,
+                 **kwargs):
         super().__init__(*args, **kwargs)
         self.step_logger, self.stats = step_logger, stats
+        self.draft_vocab_ids = draft_vocab_ids  # saved as draft_vocab.json with every model
         self._micro = (-1, 0)  # (global step, micro-batches seen in it)
         self._staging: Path | None = None
 
@@ -122,7 +132,7 @@ class LayerSkipTrainer(Trainer):
             self._staging = None
         self.accelerator.wait_for_everyone()  # every rank has written its RNG state
         if self.args.should_save:
-            _replace_dir(out / ".staging" / name, out / name)
+            replace_dir(out / ".staging" / name, out / name)
             shutil.rmtree(out / ".staging", ignore_errors=True)
             if self.args.save_total_limit:
                 for old in list_checkpoints(out)[: -self.args.save_total_limit]:
@@ -130,20 +140,23 @@ class LayerSkipTrainer(Trainer):
         self.accelerator.wait_for_everyone()
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        """The causal LM with save_pretrained (+ tokenizer), written to a temp dir and moved into place."""
+        """The causal LM with save_pretrained (+ tokenizer, draft_vocab.json), written to a temp dir beside
+        `output_dir`, then its files moved in one by one: `output_dir` may already hold checkpoints and logs,
+        which stay."""
         output_dir = Path(output_dir or self.args.output_dir)
         if not self.args.should_save:
             return
         lm = self.accelerator.unwrap_model(self.model).causal_lm
-        tmp = output_dir.parent / f".{output_dir.name}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        lm.save_pretrained(tmp, state_dict=state_dict)
-        if self.processing_class is not None:
-            self.processing_class.save_pretrained(tmp)
         output_dir.mkdir(parents=True, exist_ok=True)
-        for f in tmp.iterdir():
-            os.replace(f, output_dir / f.name)
-        tmp.rmdir()
+        with tempfile.TemporaryDirectory(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent) as tmp:
+            tmp = Path(tmp)
+            lm.save_pretrained(tmp, state_dict=state_dict)
+            if self.processing_class is not None:
+                self.processing_class.save_pretrained(tmp)
+            if self.draft_vocab_ids is not None:
+                draft_vocab.write(tmp, self.draft_vocab_ids)
+            for f in tmp.iterdir():
+                f.replace(output_dir / f.name)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         """Load a checkpoint's weights into the wrapper (same parameter names); tied heads may be absent."""
@@ -167,6 +180,13 @@ class LayerSkipTrainer(Trainer):
 def train(config: TrainConfig) -> TrainResult:
     """Run LayerSkip training as configured; returns where the model went. Raises LayerSkipError on bad input."""
     out = Path(config.output_dir)
+    if out.exists() and not out.is_dir():
+        raise LayerSkipError(f"--output-dir {out}: exists and is not a directory")
+    resume = resolve_resume(config.resume, out)
+    if resume is None and holds_run(out):
+        raise LayerSkipError(
+            f"--output-dir {out} already holds a training run; continue it with --resume, or choose a new directory"
+        )
     lm_config, tokenizer = load_config_and_tokenizer(config)
     args = training_arguments(config, lm_config)
     num_layers = lm_config.num_hidden_layers
@@ -183,13 +203,10 @@ def train(config: TrainConfig) -> TrainResult:
             config.data, tokenizer, config.seq_len, config.eval_fraction, config.seed, config.text_field,
             config.data_split,
         )
-    resume = resolve_resume(config.resume, out)
-    if resume is None and (list_checkpoints(out) or (out / "model.safetensors").exists()):
-        raise LayerSkipError(
-            f"--output-dir {out} already holds a training run; continue it with --resume, or choose a new directory"
-        )
     causal_lm = load_weights(config, lm_config)
-    store_draft_vocab(causal_lm.config, train_set.blocks)
+    drop_decoding_settings(causal_lm.config)
+    ranked = rank_draft_vocab(train_set.blocks, causal_lm.config.vocab_size)
+    causal_lm.draft_vocab_ids = ranked  # as `models.load` attaches it: the returned model drafts over it too
     model = LayerSkipModel(
         causal_lm,
         LayerDropout(num_layers, config.layer_dropout_max, config.max_steps, config.layer_dropout_depth,
@@ -204,11 +221,11 @@ def train(config: TrainConfig) -> TrainResult:
     logger = StepLogger(stats, model.schedule, log)
     trainer = LayerSkipTrainer(
         model=model, args=args, train_dataset=train_set, eval_dataset=eval_set, processing_class=tokenizer,
-        data_collator=_collate, callbacks=[logger], step_logger=logger, stats=stats,
+        data_collator=_collate, callbacks=[logger], step_logger=logger, stats=stats, draft_vocab_ids=ranked,
     )
     if args.should_save:
         out.mkdir(parents=True, exist_ok=True)
-        _write_json(out / CONFIG_NAME, asdict(config))
+        write_json(out / CONFIG_NAME, asdict(config))
         if resume is not None:
             log.keep_until(_checkpoint_step(resume))
         elif log.path.exists():
@@ -223,14 +240,33 @@ def train(config: TrainConfig) -> TrainResult:
     return TrainResult(out, trainer.state.global_step, metrics, causal_lm)
 
 
-def store_draft_vocab(lm_config, token_ids: torch.Tensor) -> None:
-    """Record the training data's most frequent token ids in the config ("layerskip": {"draft_vocab"}),
-    for self-speculative drafting over them (layerskip.decoding.draft_vocab); saved with the model."""
-    vocab_size = lm_config.vocab_size
+def rank_draft_vocab(token_ids: torch.Tensor, vocab_size: int) -> list[int]:
+    """The training data's most frequent token ids, as many as cover draft_vocab.COVERAGE of them: the draft
+    vocabulary saved with the model (draft_vocab.json) for self-speculative drafting over them.
+
+    Args:
+        token_ids: any-shaped integer tensor of the training tokens; ids outside [0, vocab_size) are ignored.
+    """
     token_ids = token_ids[(token_ids >= 0) & (token_ids < vocab_size)]
-    ranked = draft_vocab.rank_tokens(draft_vocab.count_tokens(token_ids, vocab_size))
+    return draft_vocab.rank_tokens(draft_vocab.count_tokens(token_ids, vocab_size))
+
+
+def drop_decoding_settings(lm_config) -> None:
+    """Remove DECODING_SETTINGS from the config's "layerskip" dict (other keys stay; an emptied dict goes):
+    they were tuned for the weights training is about to change."""
     stored = getattr(lm_config, "layerskip", None)
-    lm_config.layerskip = {**(stored if isinstance(stored, dict) else {}), "draft_vocab": ranked}
+    if not isinstance(stored, dict):
+        return
+    kept = {k: v for k, v in stored.items() if k not in DECODING_SETTINGS}
+    if kept:
+        lm_config.layerskip = kept
+    else:
+        delattr(lm_config, "layerskip")
+
+
+def holds_run(out: Path) -> bool:
+    """Whether `out` holds a training run: a checkpoint-N directory or a finished run's final weights."""
+    return bool(list_checkpoints(out)) or any((out / name).is_file() for name in FINAL_WEIGHTS)
 
 
 def _stop_on_nan(trainer: LayerSkipTrainer, e: NonFiniteLoss, out: Path) -> str:
@@ -365,19 +401,3 @@ def _report_to(value: str):
         return value
     return ["tensorboard"] if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX") else "none"
 
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Move directory src to dst, replacing dst; dst is never missing for longer than two renames."""
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-        os.replace(dst, old)
-        os.replace(src, dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(src, dst)
-
-
-def _write_json(path: Path, data) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
