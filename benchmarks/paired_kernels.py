@@ -3,7 +3,7 @@
 On a shared, noisy machine two separate `layerskip bench` runs can differ by more than the change being measured.
 Here every prompt is decoded autoregressively and under each variant in turn (the order rotated from prompt to
 prompt), for several repetitions, so that a slow spell falls on all of them alike. A variant is a kernel per bucket
-of row counts (`layerskip.forward.TUNE_ROWS`; "tuned" = what `LayerStack.tune` chose). Every output is checked to
+of row counts (`layerskip.kernels.TUNE_ROWS`; "tuned" = what `layerskip.kernels.tune` chose). Every output is checked to
 be token-identical to the autoregressive one. Prints the running speedups after each repetition.
 
     python benchmarks/paired_kernels.py [--model M] [--threads 1] [--reps 3] \\
@@ -17,10 +17,10 @@ import time
 import torch
 
 import layerskip
-from layerskip.decoding.api import layer_stack
-from layerskip.evaluation.bench import encode_prompt, eos_ids
+from layerskip.decoding.config import eos_ids
+from layerskip.evaluation.bench import encode_prompt
 from layerskip.evaluation.tasks import load_task
-from layerskip.forward import KERNELS, TUNE_ROWS
+from layerskip.kernels import KERNELS, TUNE_ROWS
 from layerskip.models import load
 
 
@@ -35,7 +35,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     model, tokenizer = load(args.model)
-    stack = layer_stack(model)
+    stack = layerskip.prepare(model, tune=True)
     tuned = stack.kernels
     variants = {"autoregressive": tuned}
     for v in args.variant or ["tuned", ",".join(["wxt"] * len(TUNE_ROWS))]:
@@ -52,8 +52,8 @@ def main() -> None:
         stack.kernels = variants[name]
         strategy = "autoregressive" if name == "autoregressive" else "self_speculative"
         t0 = time.perf_counter()
-        out = layerskip.generate(model, prompts[i], strategy=strategy, max_new_tokens=args.max_new_tokens,
-                                 eos_token_id=eos, stop_strings=list(task.samples[i].stop_strings) or None,
+        out = layerskip.generate(stack, prompts[i], strategy=strategy, max_new_tokens=args.max_new_tokens,
+                                 eos_token_id=eos or None, stop_strings=tuple(task.samples[i].stop_strings),
                                  tokenizer=tokenizer)
         return out.token_ids, time.perf_counter() - t0
 

@@ -9,7 +9,7 @@ Measured, interleaved per repetition so that machine noise hits every contender 
   transformers generate(assistant_early_exit=E) with num_assistant_tokens=d (set on generation_config,
   schedule "constant", confidence threshold 0: generate() ignores them as arguments).
 Also: the cost model's predicted speedup (layerskip.evaluation.cost_model: isolated timings of a draft
-step t_E, a verify pass t_v(k) and a full step t_ar, DESIGN.md), and peak memory of each strategy in a fresh process.
+step t_E, a verify pass t_v(k) and a full step t_ar), and peak memory of each strategy in a fresh process.
 
     python benchmarks/synthetic_speed.py [--threads 2] [--repeats 5] [--device cpu] [--dtype float32]
 """
@@ -45,6 +45,7 @@ def build_model(exit_layer: int, device: str, dtype: torch.dtype):
 
 def contenders(model, ids, n, exit_layer, d):
     prompt = torch.tensor([ids], device=model.device)
+    engine = layerskip.prepare(model, tune=True)  # ours: one engine, CPU matmul kernels timed once
 
     def hf_greedy():
         with torch.inference_mode():
@@ -62,14 +63,14 @@ def contenders(model, ids, n, exit_layer, d):
         return out[0, len(ids):].tolist()
 
     def ours_ar():
-        return layerskip.generate(model, ids, max_new_tokens=n).token_ids
+        return layerskip.generate(engine, ids, max_new_tokens=n).token_ids
 
     def ours_ss():
-        return layerskip.generate(model, ids, strategy="self_speculative", exit_layer=exit_layer,
+        return layerskip.generate(engine, ids, strategy="self_speculative", exit_layer=exit_layer,
                                   num_speculations=d, max_new_tokens=n).token_ids
 
-    return {"ours_autoregressive": ours_ar, "ours_self_speculative": ours_ss,
-            "transformers_greedy": hf_greedy, "transformers_assistant_early_exit": hf_early_exit}
+    return engine, {"ours_autoregressive": ours_ar, "ours_self_speculative": ours_ss,
+                    "transformers_greedy": hf_greedy, "transformers_assistant_early_exit": hf_early_exit}
 
 
 def _now(device):
@@ -108,8 +109,10 @@ def memory_probe(args) -> None:
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     before = _proc_status_kib("VmRSS")
-    layerskip.generate(model, ids, strategy=args.memory_probe, exit_layer=args.exit_layer,
-                       num_speculations=args.num_speculations, max_new_tokens=args.max_new_tokens)
+    spec = args.memory_probe == "self_speculative"
+    layerskip.generate(layerskip.prepare(model, tune=True), ids, strategy=args.memory_probe,
+                       exit_layer=args.exit_layer if spec else None, num_speculations=args.num_speculations if spec
+                       else None, max_new_tokens=args.max_new_tokens)
     peak = _proc_status_kib("VmHWM")
     result = {"strategy": args.memory_probe, "peak_rss_mib": peak / 1024, "rss_before_mib": before / 1024,
               "decode_growth_mib": (peak - before) / 1024}
@@ -139,7 +142,7 @@ def main() -> None:
     E, d, n = args.exit_layer, args.num_speculations, args.max_new_tokens
     model = build_model(E, args.device, getattr(torch, args.dtype))
     ids = torch.randint(0, 32000, (args.prompt_len,), generator=torch.Generator().manual_seed(1)).tolist()
-    fns = contenders(model, ids, n, E, d)
+    engine, fns = contenders(model, ids, n, E, d)
     if args.skip_transformers:
         fns = {k: v for k, v in fns.items() if k.startswith("ours")}
     outputs = {name: fn() for name, fn in fns.items()}  # warm-up, and the outputs to compare
@@ -151,9 +154,9 @@ def main() -> None:
             fn()
             times[name].append(_now(model.device) - t)
     med = {name: statistics.median(v) for name, v in times.items()}
-    stats = layerskip.generate(model, ids, strategy="self_speculative", exit_layer=E, num_speculations=d,
+    stats = layerskip.generate(engine, ids, strategy="self_speculative", exit_layer=E, num_speculations=d,
                                max_new_tokens=n).stats
-    steps = measure_step_times(model, E, [d], context_len=args.prompt_len, repeats=20)
+    steps = measure_step_times(engine, E, [d], context_len=args.prompt_len, repeats=20)
     iso = {"t_E": steps.t_draft, "t_v": steps.t_verify[d], "t_ar": steps.t_ar}
     n_bar = stats.tokens_per_round
     predicted = predicted_speedup(steps, n_bar, d)
@@ -161,6 +164,7 @@ def main() -> None:
     report = {
         "machine": f"{platform.node()} {platform.processor() or platform.machine()}, torch {torch.__version__}, "
                    f"{args.threads} threads, {args.device}, {args.dtype}",
+        "matmul_kernels": list(engine.kernels),
         "setup": f"16x768 Llama, vocab 32000, exact draft at E={E}, d={d}, prompt {args.prompt_len}, {n} new tokens",
         "seconds_median": med,
         "tokens_per_second": {k_: n / v for k_, v in med.items()},

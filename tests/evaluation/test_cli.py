@@ -114,7 +114,7 @@ def errors(write_jsonl, tmp_path, model_dir):
         (["bench", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
         (["bench", "--confidence-threshold", "-0.5"], "confidence_threshold must be a number in [0, 1)"),
         (["sweep", "--exit-layers", "1", "--num-speculations", "2", "--draft-vocab", "-1", "--out", str(tmp_path)],
-         "--draft-vocab must be >= 0"),
+         "draft_vocab must be None, an integer >= 0"),
         (["bench", "--model", model_dir, "--task", "humaneval", "--limit", "1", "--exit-layer", "9"],
          "exit_layer must be an integer in [1, 3]"),
         (["bench", "--model", str(tmp_path / "missing"), "--task", "humaneval", "--limit", "1"], "no such directory"),

@@ -3,6 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from layerskip.forward import exit_logits
 from layerskip.testing import make_random_model
 from layerskip.training.curriculum import Curriculum
 from layerskip.training.early_exit_loss import early_exit_loss, exit_scales, exit_weights
@@ -56,8 +57,10 @@ def _reference_loss(model, ids, weights):
     total = 0.0
     losses = {}
     for l, w in weights.items():
-        # hidden_states[l + 1] is layer l's raw output for l < L-1; hidden_states[-1] is already normed
-        logits = out.logits if l == L - 1 else model.lm_head(model.model.norm(out.hidden_states[l + 1]))
+        # hidden_states[l + 1] is layer l's raw output for l < L-1; hidden_states[-1] is already normed.
+        # exit_logits: the one definition of an exit's logits, which decoding uses too
+        logits = out.logits if l == L - 1 else exit_logits(out.hidden_states[l + 1], model.model.norm,
+                                                           model.lm_head.weight)
         ce = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
         losses[l] = ce
         total = total + w * ce
@@ -112,7 +115,7 @@ def test_chunked_equals_unchunked_with_ignored_targets():
     # reference: plain autograd with ignore_index
     ref = 0
     for l, w in weights.items():
-        logits = norm(hidden[l][:, :-1]) @ head.t()
+        logits = exit_logits(hidden[l][:, :-1], norm, head)
         ref = ref + w * F.cross_entropy(logits.reshape(-1, V), labels[:, 1:].reshape(-1), ignore_index=-100)
     ref_grads = torch.autograd.grad(ref, [head, hidden[0], hidden[2]])
     for loss, per_exit, grads in results:

@@ -2,7 +2,9 @@
 
 Terminology:
   h_l        the output of decoder layer l (0-based); h_{L-1} is the model's normal output (before the norm).
-  exit l     head(norm(h_l)): the prediction made after the first l+1 layers.
+  exit l     head(norm(h_l)): the prediction made after the first l+1 layers (`layerskip.forward.exit_logits`, the
+             definition decoding uses; here the norm runs once per exit and the head's matmul in token chunks
+             inside the fused cross-entropy below, which needs the normed input for the head's gradient).
   e(l)       the exit's scale:  e(l) = e_scale * sum_{i=0..l} i               for l < L-1,
                                 e(L-1) = (L-1) + e_scale * sum_{i=0..L-2} i.
   w(t, l)    the exit's weight: C(t, l) e(l) / sum_i C(t, i) e(i), normalised over the active exits.
