@@ -27,8 +27,9 @@ def test_stop_string_trims_text_and_stops_at_the_completing_token(model_and_toke
     assert len(text) > 12
     stop = text[8:11]  # a stop string that first completes mid-output (spanning rounds for d = 1)
     first = text.find(stop)
-    out = layerskip.generate(model, ids, strategy=strategy, exit_layer=2, num_speculations=d, max_new_tokens=40,
-                             eos_token_id=[], stop_strings=[stop, "never-appears"], tokenizer=tok)
+    spec = dict(exit_layer=2, num_speculations=d) if strategy == "self_speculative" else {}
+    out = layerskip.generate(model, ids, strategy=strategy, max_new_tokens=40, eos_token_id=[],
+                             stop_strings=[stop, "never-appears"], tokenizer=tok, **spec)
     assert out.text == text[:first]
     assert out.stats.stop_reason == "stop_string"
     # the kept tokens are the shortest prefix of the free output whose text contains the stop string
