@@ -55,6 +55,27 @@ class KVCache:
         self.valid[layer] = end
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
+    def write_rows(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batched decoding: store row b's k, v (B, H_kv, T, D) at its own positions[b] (B, T) of `layer`.
+
+        Rows sit at different lengths, so validity is per row and held by the decode loop (`lengths[b]`), not
+        by `valid`: row b's positions [0, lengths[b]) hold its accepted sequence; what lies past them (another
+        row's pass, rejected drafts, padding) is never visible to row b's queries (the attention mask is causal on
+        each row's own positions) and is overwritten before it could be. Returns keys, values for [0, end).
+        """
+        if end > self.max_len:
+            raise RuntimeError(f"cache write up to {end} in layer {layer}: size {self.max_len}")
+        index = positions[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])  # (B, H_kv, T, D)
+        self.keys[layer].scatter_(2, index, k)
+        self.values[layer].scatter_(2, index, v)
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Batched decoding: keep only these batch rows (finished rows leave; copies every layer once)."""
+        self.keys = [t.index_select(0, rows) for t in self.keys]
+        self.values = [t.index_select(0, rows) for t in self.values]
+
     def crop(self, length: int) -> None:
         """Roll back: keep only positions [0, length) valid in every layer."""
         self.valid = [min(v, length) for v in self.valid]

@@ -113,22 +113,33 @@ class LayerStack:
         return exit_logits(h, self.norm, weight, bias,
                            lambda x, w, b: matmul(x, w, b, kernel, self.packed))
 
-    def run(self, h: torch.Tensor, start: int, end: int, cache: KVCache, pos: int) -> torch.Tensor:
+    def run(self, h: torch.Tensor, start: int, end: int, cache: KVCache, pos) -> torch.Tensor:
         """Apply layers [start, end) to h (B, T, H) whose first token is at position `pos`.
 
-        Writes K/V of these layers at positions [pos, pos + T) of `cache`; returns (B, T, H).
+        `pos` is an int (every row starts there: batch 1, or rows in lockstep) or a (B,) LongTensor of per-row
+        start positions (batched decoding, where rows sit at different lengths: row b's tokens are at
+        [pos[b], pos[b] + T), and its queries see its keys [0, own position] only).
+        Writes K/V of these layers at those positions of `cache`; returns (B, T, H).
         """
         B, T = h.shape[:2]
         g = route(self.kernels, B * T)
-        cos = self._cos[pos:pos + T]  # (T, D)
-        sin = self._sin[pos:pos + T]
+        if isinstance(pos, int):
+            cos, sin = self._cos[pos:pos + T], self._sin[pos:pos + T]  # (T, D)
+            make_mask = lambda window: _attention_mask(pos, T, window, h.device)
+            write = lambda i, k, v: cache.write(i, pos, k, v)  # (B, Hkv, pos + T, D)
+        else:
+            positions = pos[:, None] + torch.arange(T, device=pos.device)  # (B, T)
+            cos, sin = self._cos[positions][:, None], self._sin[positions][:, None]  # (B, 1, T, D)
+            end_pos = int(positions.max()) + 1  # keys [0, end_pos) cover every row's queries
+            make_mask = lambda window: _row_attention_mask(positions, end_pos, window)
+            write = lambda i, k, v: cache.write_rows(i, positions, k, v, end_pos)  # (B, Hkv, end_pos, D)
         masks: dict[int | None, torch.Tensor | None] = {}
         for i in range(start, end):
             window = self.windows[i]
             if window not in masks:
-                masks[window] = _attention_mask(pos, T, window, h.device)
+                masks[window] = make_mask(window)
             layer = self.layers[i]
-            h = h + self._attention(i, layer.self_attn, layer.input_layernorm(h), cache, pos, cos, sin, masks[window], g)
+            h = h + self._attention(i, layer.self_attn, layer.input_layernorm(h), write, cos, sin, masks[window], g)
             h = h + self._mlp(layer.mlp, layer.post_attention_layernorm(h), g)
         return h
 
@@ -138,7 +149,7 @@ class LayerStack:
         p = self.packed
         return linear(mlp.act_fn(linear(x, mlp.gate_proj, g, p)) * linear(x, mlp.up_proj, g, p), mlp.down_proj, g, p)
 
-    def _attention(self, i, attn, x, cache, pos, cos, sin, mask, g):
+    def _attention(self, i, attn, x, write, cos, sin, mask, g):
         B, T, _ = x.shape
         D = self.head_dim
         q = linear(x, attn.q_proj, g, self.packed).view(B, T, -1, D)  # (B, T, Hq, D)
@@ -149,7 +160,7 @@ class LayerStack:
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, T, D)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
-        keys, values = cache.write(i, pos, k, v)  # (B, Hkv, pos + T, D)
+        keys, values = write(i, k, v)  # (B, Hkv, S, D): every key a query of this pass may see
         out = F.scaled_dot_product_attention(
             q, keys, values, attn_mask=mask, scale=self.scaling, enable_gqa=self.num_heads != self.num_kv_heads
         )  # (B, Hq, T, D)
@@ -190,6 +201,18 @@ def _attention_mask(pos: int, T: int, window: int | None, device) -> torch.Tenso
         return None
     q_pos = torch.arange(pos, S, device=device)[:, None]  # (T, 1)
     k_pos = torch.arange(S, device=device)[None, :]  # (1, S)
+    mask = k_pos <= q_pos
+    if window is not None:
+        mask &= k_pos > q_pos - window
+    return mask
+
+
+def _row_attention_mask(positions: torch.Tensor, end: int, window: int | None) -> torch.Tensor:
+    """Boolean (B, 1, T, end) mask for per-row query positions (B, T), True = visible: causal on each row's own
+    positions, and within the sliding window if any. Keys past a row's own position (another row's longer
+    context, or this row's stale drafts) are never visible."""
+    q_pos = positions[:, None, :, None]  # (B, 1, T, 1)
+    k_pos = torch.arange(end, device=positions.device)[None, None, None, :]  # (1, 1, 1, end)
     mask = k_pos <= q_pos
     if window is not None:
         mask &= k_pos > q_pos - window

@@ -14,6 +14,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from layerskip.decoding.autoregressive import decode_autoregressive
+from layerskip.decoding.batch import Row, decode_batch
 from layerskip.decoding.config import STRATEGIES, DecodeConfig, ResolvedConfig
 from layerskip.decoding.result import GenerationResult, GenerationStats, Timer
 from layerskip.decoding.self_speculative import decode_self_speculative
@@ -82,15 +83,46 @@ def _streaming_callback(streamer, prompt: torch.Tensor):
     return streamer, lambda: None
 
 
-def generate(model, input_ids, config: DecodeConfig | None = None, *, tokenizer=None, streamer=None,
-             timings: bool = False, **options) -> GenerationResult:
-    """Generate up to `max_new_tokens` tokens after `input_ids` (batch size 1).
+def _batch_prompts(input_ids, attention_mask) -> list[list[int]] | None:
+    """The prompts of a batch as token-id lists, or None for a single prompt (list[int], [T] or [1, T])."""
+    if isinstance(input_ids, torch.Tensor):
+        if attention_mask is None and (input_ids.dim() < 2 or input_ids.shape[0] == 1):
+            return None
+        if input_ids.dim() != 2:
+            raise LayerSkipError(f"a batch of input_ids must have shape [B, T], got {list(input_ids.shape)}")
+        if attention_mask is None:
+            return input_ids.tolist()
+        mask = torch.as_tensor(attention_mask)
+        if mask.shape != input_ids.shape:
+            raise LayerSkipError(f"attention_mask has shape {list(mask.shape)}, input_ids {list(input_ids.shape)}")
+        mask = mask.to(torch.long).cpu()
+        prompts = []
+        for b, (ids, m) in enumerate(zip(input_ids.tolist(), mask)):
+            n = int(m.sum())
+            if not bool(((m == 0) | (m == 1)).all()) or (n and not bool(m[len(m) - n:].all())):
+                raise LayerSkipError(f"attention_mask row {b} is not left padding (zeros, then ones)")
+            prompts.append(ids[len(ids) - n:])
+        return prompts
+    if attention_mask is not None:
+        raise LayerSkipError("attention_mask goes with a [B, T] tensor of input_ids; a list of prompts needs none")
+    items = list(input_ids) if isinstance(input_ids, (list, tuple)) else None
+    if items and all(isinstance(x, (list, tuple, torch.Tensor)) for x in items):
+        return [x.tolist() if isinstance(x, torch.Tensor) else list(x) for x in items]
+    return None
+
+
+def generate(model, input_ids, config: DecodeConfig | None = None, *, attention_mask=None, tokenizer=None,
+             streamer=None, timings: bool = False, **options):
+    """Generate up to `max_new_tokens` tokens after `input_ids`: one prompt, or a batch of them.
 
     Args:
         model: a loaded transformers LlamaForCausalLM / MistralForCausalLM / Qwen2ForCausalLM /
             Qwen3ForCausalLM, or the LayerStack `prepare(model)` made of one. Its weights are used in place;
             its config is never changed.
-        input_ids: list[int] or LongTensor of shape [1, T] (or [T]).
+        input_ids: one prompt: list[int], or a LongTensor of shape [1, T] (or [T]). A batch: a list of token-id
+            lists (any lengths), or a [B, T] LongTensor, left-padded with `attention_mask` (transformers'
+            convention). A batch is decoded in one batch (decoding/batch.py) and returns a list.
+        attention_mask: with a [B, T] tensor: 1 for real tokens, 0 for the left padding.
         config: a DecodeConfig; or give its fields as keyword options (not both):
             strategy: "autoregressive" (the baseline), "early_exit" (lossy: layers [0, E) + the model's
                 final norm and head; LayerSkip §4.1) or "self_speculative" (lossless: draft with [0, E),
@@ -109,12 +141,13 @@ def generate(model, input_ids, config: DecodeConfig | None = None, *, tokenizer=
             stop_strings: stop when the new text contains one; `text` is cut before it. Needs `tokenizer`.
         tokenizer: to decode `text` (and for stop strings).
         streamer: callable(list[int]) called with the tokens each step/round emits, or a
-            transformers streamer (TextStreamer, ...).
+            transformers streamer (TextStreamer, ...). For a batch: callable(row index, list[int]).
         timings: also split the time into phases (stats.prefill_s / draft_s / verify_s); on a GPU this
-            synchronises the device once per phase.
+            synchronises the device once per phase. Single prompts only.
     Returns:
-        GenerationResult(token_ids, text, stats). Greedy self-speculative output is token-identical
-        to greedy autoregressive output (in fp32).
+        GenerationResult(token_ids, text, stats); for a batch, a list of them in the prompts' order. Greedy
+        self-speculative output is token-identical to greedy autoregressive output (in fp32), and a batch row's
+        output to that prompt's alone. With a seed, batch row b samples from a generator seeded seed + b.
     """
     if config is None:
         config = DecodeConfig(**options)
@@ -124,8 +157,76 @@ def generate(model, input_ids, config: DecodeConfig | None = None, *, tokenizer=
     resolved = config.resolve(stack.model)
     if resolved.stop_strings and tokenizer is None:
         raise LayerSkipError("stop_strings need a tokenizer")
+    prompts = _batch_prompts(input_ids, attention_mask)
+    if prompts is not None:
+        if timings:
+            raise LayerSkipError("timings=True splits the phases of one prompt's decode; give a single prompt")
+        if streamer is not None and hasattr(streamer, "put"):
+            raise LayerSkipError("a transformers streamer takes one sequence; for a batch pass a callable(row, ids)")
+        return decode_many(stack, prompts, resolved, tokenizer=tokenizer, on_tokens=streamer)
     prompt = _prompt_tensor(input_ids, stack.device)
     return decode(stack, prompt, resolved, tokenizer=tokenizer, streamer=streamer, timings=timings)
+
+
+def _check_prompt(stack: LayerStack, ids: list[int], cfg: ResolvedConfig, what: str) -> None:
+    if not ids:
+        raise LayerSkipError(f"{what} is empty: give at least one token")
+    if any(not isinstance(t, int) or isinstance(t, bool) for t in ids):
+        raise LayerSkipError(f"{what} must be a list of integer token ids")
+    if max(ids) >= stack.vocab_size or min(ids) < 0:
+        raise LayerSkipError(f"{what} holds token ids outside this model's vocabulary [0, {stack.vocab_size})")
+    if stack.max_positions and len(ids) + cfg.max_new_tokens > stack.max_positions:
+        raise LayerSkipError(
+            f"{what} ({len(ids)} tokens) + max_new_tokens ({cfg.max_new_tokens}) exceeds the model's "
+            f"{stack.max_positions} positions; shorten the prompt or lower max_new_tokens"
+        )
+
+
+def _new_stats(stack: LayerStack, cfg: ResolvedConfig, num_prompt_tokens: int) -> GenerationStats:
+    return GenerationStats(strategy=cfg.strategy, exit_layer=cfg.exit_layer, num_speculations=cfg.num_speculations,
+                           confidence_threshold=cfg.confidence_threshold,
+                           draft_vocab_size=None if cfg.draft_vocab is None else len(cfg.draft_vocab),
+                           matmul_kernels=stack.kernels, num_prompt_tokens=num_prompt_tokens)
+
+
+def _text(tokenizer, stopper: StopChecker, tokens: list[int]) -> str | None:
+    return None if tokenizer is None else stopper.trim(tokenizer.decode(tokens, skip_special_tokens=True))
+
+
+def decode_many(stack: LayerStack, prompts: list[list[int]], cfg: ResolvedConfig, *, tokenizer=None,
+                on_tokens=None) -> list[GenerationResult]:
+    """A batch after validation: every prompt decoded in one batch (decoding/batch.py), results in order."""
+    if not prompts:
+        raise LayerSkipError("the batch is empty: give at least one prompt")
+    for b, ids in enumerate(prompts):
+        _check_prompt(stack, ids, cfg, f"prompt {b}")
+    rows = []
+    for b, ids in enumerate(prompts):
+        generator = None
+        if cfg.sampling.do_sample and cfg.seed is not None:
+            generator = torch.Generator(device=stack.device).manual_seed(cfg.seed + b)
+        rows.append(Row(b, list(ids), StopChecker(cfg.max_new_tokens, cfg.eos_token_id, cfg.stop_strings, tokenizer),
+                         _new_stats(stack, cfg, len(ids)), generator))
+    t0 = time.perf_counter()
+
+    def emitted(b: int, ids: list[int]) -> None:
+        if rows[b].stats.first_token_s is None:
+            rows[b].stats.first_token_s = time.perf_counter() - t0
+        if on_tokens:
+            on_tokens(b, ids)
+
+    if cfg.max_new_tokens > 0:
+        with torch.inference_mode(), attention_backends(stack.device):
+            decode_batch(stack, list(rows), strategy=cfg.strategy, exit_layer=cfg.exit_layer,
+                         num_speculations=cfg.num_speculations, params=cfg.sampling,
+                         draft_vocab=cfg.draft_vocab_tensor(stack.device),
+                         confidence_threshold=cfg.confidence_threshold or 0.0, on_tokens=emitted)
+    total = time.perf_counter() - t0
+    results = []
+    for r in rows:
+        r.stats.total_s, r.stats.num_new_tokens = total, len(r.generated)  # the batch's time: rows share it
+        results.append(GenerationResult(r.generated, _text(tokenizer, r.stopper, r.generated), r.stats))
+    return results
 
 
 def decode(stack: LayerStack, prompt: torch.Tensor, cfg: ResolvedConfig, *, tokenizer=None, streamer=None,
@@ -140,10 +241,7 @@ def decode(stack: LayerStack, prompt: torch.Tensor, cfg: ResolvedConfig, *, toke
             f"{stack.max_positions} positions; shorten the prompt or lower max_new_tokens"
         )
     stopper = StopChecker(cfg.max_new_tokens, cfg.eos_token_id, cfg.stop_strings, tokenizer)
-    stats = GenerationStats(strategy=cfg.strategy, exit_layer=cfg.exit_layer, num_speculations=cfg.num_speculations,
-                            confidence_threshold=cfg.confidence_threshold,
-                            draft_vocab_size=None if cfg.draft_vocab is None else len(cfg.draft_vocab),
-                            matmul_kernels=stack.kernels, num_prompt_tokens=T)
+    stats = _new_stats(stack, cfg, T)
     generator = None
     if cfg.sampling.do_sample and cfg.seed is not None:
         generator = torch.Generator(device=stack.device).manual_seed(cfg.seed)
@@ -174,7 +272,4 @@ def decode(stack: LayerStack, prompt: torch.Tensor, cfg: ResolvedConfig, *, toke
     stats.total_s = time.perf_counter() - t0
     finish()
     stats.num_new_tokens = len(tokens)
-    text = None
-    if tokenizer is not None:
-        text = stopper.trim(tokenizer.decode(tokens, skip_special_tokens=True))
-    return GenerationResult(token_ids=tokens, text=text, stats=stats)
+    return GenerationResult(token_ids=tokens, text=_text(tokenizer, stopper, tokens), stats=stats)
