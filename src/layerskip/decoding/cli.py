@@ -56,6 +56,12 @@ def add_parser(subparsers) -> None:
                               description="Generate a completion; prints the text, then a stats line.")
     add_model_args(p)
     p.add_argument("--prompt", default=None, help="the prompt (default: read standard input)")
+    p.add_argument("--prompts", default=None, metavar="FILE",
+                   help="many prompts: JSONL, one {\"prompt\": ...} per line, decoded --batch-size at a time")
+    p.add_argument("--out", default=None, metavar="FILE",
+                   help="with --prompts: write one JSON result per line here (atomically); default: standard output")
+    p.add_argument("--batch-size", type=int, default=None, metavar="B",
+                   help="with --prompts: prompts decoded together (default 8)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     add_decoding_args(p)
     p.add_argument("--stream", action="store_true", help="print text as it is accepted")
@@ -170,6 +176,11 @@ def run_generate(args) -> int:
 
     set_threads(args.threads)
     config = decode_config(args)  # fail fast, before loading a model
+    if args.prompts is not None:
+        return _run_many(args, config)
+    for flag, value in (("--out", args.out), ("--batch-size", args.batch_size)):
+        if value is not None:
+            raise LayerSkipError(f"{flag} goes with --prompts FILE")
     prompt = _read_prompt(args)
     model, tokenizer, engine = load_engine(args)
     ids = encode_prompt(tokenizer, prompt, args.chat)
@@ -180,6 +191,52 @@ def run_generate(args) -> int:
     else:
         print(result.text)
     print(stats_line(result.stats), file=sys.stderr)
+    return 0
+
+
+def read_prompts(path) -> list[str]:
+    """The "prompt" strings of a JSONL file, in order (one clear error per bad line)."""
+    from layerskip.jsonl import iter_objects
+
+    prompts = []
+    for lineno, row in iter_objects(path):
+        if not isinstance(row.get("prompt"), str) or not row["prompt"]:
+            raise LayerSkipError(f"{path}, line {lineno}: needs a non-empty \"prompt\" string")
+        prompts.append(row["prompt"])
+    if not prompts:
+        raise LayerSkipError(f"{path}: no prompts")
+    return prompts
+
+
+def _run_many(args, config) -> int:
+    """--prompts FILE: decode B at a time, one JSON line per prompt (to --out, atomically, or stdout)."""
+    import json
+
+    from layerskip.decoding.api import generate
+    from layerskip.files import write_text
+
+    if args.prompt is not None or args.stream:
+        raise LayerSkipError("--prompts reads its prompts from the file; drop --prompt / --stream")
+    batch = 8 if args.batch_size is None else args.batch_size
+    if batch < 1:
+        raise LayerSkipError(f"--batch-size must be >= 1, got {batch}")
+    texts = read_prompts(args.prompts)
+    model, tokenizer, engine = load_engine(args)
+    ids = [encode_prompt(tokenizer, t, args.chat) for t in texts]
+    lines, tokens, seconds = [], 0, 0.0
+    for start in range(0, len(ids), batch):
+        for i, r in enumerate(generate(engine, ids[start:start + batch], config, tokenizer=tokenizer)):
+            lines.append(json.dumps({"index": start + i, "prompt": texts[start + i], "text": r.text,
+                                     "token_ids": r.token_ids, "stats": r.stats.as_dict()}))
+            tokens += r.stats.num_new_tokens
+        seconds += r.stats.total_s
+    body = "\n".join(lines) + "\n"
+    if args.out:
+        write_text(args.out, body)
+    else:
+        sys.stdout.write(body)
+    print(f"[{len(texts)} prompts, batch size {batch} | {tokens} tokens | "
+          f"{tokens / seconds if seconds else 0:.1f} tokens/s in all]", file=sys.stderr)
     return 0
 
 

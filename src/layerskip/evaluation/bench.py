@@ -61,6 +61,7 @@ class StrategyResult:
     tokens_per_round: float | None = None
     confidence_threshold: float | None = None  # self-speculative drafting options in effect
     draft_vocab_size: int | None = None
+    per_sequence_tokens_per_second: float | None = None  # batch_size > 1: what one sequence sees, mean over rows
 
 
 @dataclass
@@ -74,6 +75,7 @@ class BenchReport:
     results: list[StrategyResult]
     cost_model: dict | None = None
     machine: dict = field(default_factory=dict)
+    batch_size: int = 1
     completions: dict[str, list[str]] = field(default_factory=dict, repr=False)
     token_ids: dict[str, list[list[int]]] = field(default_factory=dict, repr=False)
 
@@ -81,7 +83,7 @@ class BenchReport:
         return {
             "model": self.model, "task": self.task, "num_samples": self.num_samples,
             "max_new_tokens": self.max_new_tokens, "results": [asdict(r) for r in self.results],
-            "cost_model": self.cost_model, "machine": self.machine,
+            "cost_model": self.cost_model, "machine": self.machine, "batch_size": self.batch_size,
         }
 
     def result(self, strategy: str) -> StrategyResult:
@@ -117,7 +119,8 @@ def parse_strategies(text: str | list[str]) -> list[str]:
 def run_bench(model, tokenizer, task: Task, *, strategies=OURS, exit_layer: int | None = None,
               num_speculations: int | None = None, confidence_threshold: float | None = None, draft_vocab=None,
               max_new_tokens: int = 128, compare_transformers: bool = False, warmup: bool = True, score: bool = True,
-              predict: bool = True, model_name: str = "", progress: bool = True, engine=None) -> BenchReport:
+              predict: bool = True, model_name: str = "", progress: bool = True, engine=None,
+              batch_size: int = 1) -> BenchReport:
     """Time `strategies` over `task.samples` (batch size 1, greedy) and score their completions.
 
     Args:
@@ -132,6 +135,9 @@ def run_bench(model, tokenizer, task: Task, *, strategies=OURS, exit_layer: int 
         score: compute the task's metrics per strategy.
         predict: measure the cost model and report predicted speedups.
         engine: the model's engine from `layerskip.prepare` (with its tuned kernels); default: an untuned one.
+        batch_size: decode the prompts B at a time (our strategies only; decoding/batch.py). A row's time is its
+            batch's time shared out, so tokens/s is the total throughput; `per_sequence_tokens_per_second` is
+            what one sequence sees (its tokens / its batch's seconds).
     Returns:
         BenchReport.
     """
@@ -162,6 +168,13 @@ def run_bench(model, tokenizer, task: Task, *, strategies=OURS, exit_layer: int 
         cfg = configs[strategy].replace(max_new_tokens=n, stop_strings=tuple(task.samples[i].stop_strings))
         return _generate(engine, tokenizer, prompts[i], cfg)
 
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise LayerSkipError(f"--batch-size must be >= 1, got {batch_size}")
+    if batch_size > 1:
+        if any(s in TRANSFORMERS for s in strategies):
+            raise LayerSkipError("--batch-size > 1 times our strategies only; drop --compare-transformers")
+        return _bench_batched(engine, tokenizer, task, prompts, configs, batch_size, max_new_tokens, warmup, score,
+                              model_name, progress)
     if warmup:  # full length: every cache length the timed runs will see (GPU kernels, allocator)
         for strategy in strategies:
             call(strategy, 0, max_new_tokens)
@@ -194,6 +207,53 @@ def run_bench(model, tokenizer, task: Task, *, strategies=OURS, exit_layer: int 
 
 
 # ----------------------------------------------------------------------------------- running
+
+
+def _bench_batched(engine, tokenizer, task: Task, prompts, configs: dict, batch_size: int, max_new_tokens: int,
+                   warmup: bool, score: bool, model_name: str, progress: bool) -> BenchReport:
+    """run_bench with the prompts decoded `batch_size` at a time, strategies interleaved per batch."""
+    stops = {tuple(s.stop_strings) for s in task.samples}
+    if len(stops) > 1:
+        raise LayerSkipError("--batch-size > 1 needs one set of stop strings for every sample of the task")
+    stop_strings = stops.pop()
+    strategies = list(configs)
+    batches = [list(range(i, min(i + batch_size, len(prompts)))) for i in range(0, len(prompts), batch_size)]
+
+    def call(strategy: str, rows: list[int]) -> list[_Run]:
+        cfg = configs[strategy].replace(max_new_tokens=max_new_tokens, stop_strings=stop_strings)
+        t0 = clock(engine.device)
+        outs = generate(engine, [prompts[i] for i in rows], cfg, tokenizer=tokenizer)
+        seconds = clock(engine.device) - t0
+        return [_Run(o.token_ids, o.text, seconds / len(rows), o.stats) for o in outs]
+
+    if warmup:
+        for strategy in strategies:
+            call(strategy, batches[0])
+    runs: dict[str, list[_Run]] = {s: [] for s in strategies}
+    per_sequence: dict[str, list[float]] = {s: [] for s in strategies}
+    bar = _progress(len(batches) * len(strategies), progress, f"bench {task.name} (batch {batch_size})")
+    for j, rows in enumerate(batches):
+        shift = j % len(strategies)
+        for strategy in strategies[shift:] + strategies[:shift]:
+            got = call(strategy, rows)
+            runs[strategy] += got
+            batch_seconds = got[0].seconds * len(rows)
+            per_sequence[strategy] += [len(r.token_ids) / batch_seconds for r in got if batch_seconds > 0]
+            bar.update(1)
+    bar.close()
+    results = []
+    for s in strategies:
+        cfg = configs[s]
+        r = _summarize(s, runs[s], runs["autoregressive"], cfg.exit_layer, cfg.num_speculations, None)
+        r.per_sequence_tokens_per_second = (sum(per_sequence[s]) / len(per_sequence[s])) if per_sequence[s] else None
+        results.append(r)
+    if score:
+        for r in results:
+            r.metrics = task.score([run.text for run in runs[r.strategy]])
+    return BenchReport(model=model_name, task=task.name, num_samples=len(prompts), max_new_tokens=max_new_tokens,
+                       results=results, machine=machine_info(engine), batch_size=batch_size,
+                       completions={s: [r.text for r in rs] for s, rs in runs.items()},
+                       token_ids={s: [r.token_ids for r in rs] for s, rs in runs.items()})
 
 
 def _strategy_config(strategy: str, spec) -> DecodeConfig:
@@ -388,6 +448,10 @@ def format_table(report: BenchReport) -> str:
              for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     title = f"{report.task} · {report.num_samples} samples · {report.max_new_tokens} new tokens max · {report.model}"
+    if report.batch_size > 1:
+        title += f" · batch size {report.batch_size} (tok/s: total; per sequence: " + ", ".join(
+            f"{r.strategy.replace('_', '-')} {r.per_sequence_tokens_per_second:.1f}" for r in report.results
+            if r.per_sequence_tokens_per_second) + ")"
     for r in report.results:
         if r.strategy != "self_speculative" or not (r.confidence_threshold or r.draft_vocab_size):
             continue

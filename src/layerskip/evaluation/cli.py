@@ -29,6 +29,8 @@ def add_parser(subparsers) -> None:
     add_drafting_args(bench)
     bench.add_argument("--compare-transformers", action="store_true",
                        help="also time transformers' greedy generate() and generate(assistant_early_exit=E)")
+    bench.add_argument("--batch-size", type=int, default=1, metavar="B",
+                       help="decode the prompts B at a time (our strategies; reports total and per-sequence tokens/s)")
     bench.add_argument("--no-metrics", action="store_true", help="skip scoring (pass@1, ROUGE, exact match)")
     bench.add_argument("--json", metavar="FILE", help="write the report as JSON")
     bench.set_defaults(func=cmd_bench)
@@ -115,6 +117,7 @@ def cmd_bench(args) -> int:
 
     _positive(args.max_new_tokens, "--max-new-tokens")
     _positive(args.num_speculations, "--num-speculations")
+    _positive(args.batch_size, "--batch-size")
     _check_drafting(args)
     strategies = parse_strategies(args.strategies)
     task = load_task(args.task, data_file=args.data_file, limit=args.limit)
@@ -123,7 +126,7 @@ def cmd_bench(args) -> int:
                        num_speculations=args.num_speculations, confidence_threshold=args.confidence_threshold,
                        draft_vocab=args.draft_vocab, max_new_tokens=args.max_new_tokens,
                        compare_transformers=args.compare_transformers, score=not args.no_metrics,
-                       model_name=args.model or "default", engine=engine)
+                       model_name=args.model or "default", engine=engine, batch_size=args.batch_size)
     print(format_table(report))
     if args.json:
         io.write_json(args.json, report.to_dict())
