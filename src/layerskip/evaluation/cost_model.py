@@ -153,3 +153,58 @@ def _interleaved_medians(pieces, cache, repeats: int, warmup: int, stack) -> dic
             if i >= warmup:
                 times[name].append(t1 - t0)
     return {name: statistics.median(values) for name, values in times.items()}
+
+
+@dataclass
+class BatchStepTimes:
+    """Per-pass costs in seconds for `batch` rows in lockstep (medians): what a batched round costs.
+
+    t_draft: one (B, 1) draft step (layers [0, E) + head); t_verify: the last drafts through [0, E) then a
+    (B, k + 1) pass through [E, L) + head; t_ar: one (B, 1) full step.
+    """
+
+    batch: int
+    exit_layer: int
+    num_speculations: int
+    context_len: int
+    t_draft: float
+    t_verify: float
+    t_ar: float
+
+    def predicted_speedup(self, tokens_per_round: float, drafts_per_round: float) -> float:
+        """Batched self-speculative over batched autoregressive throughput: n̄ t_ar(B) / (k̄ t_E(B) + t_v(B, k))."""
+        return tokens_per_round * self.t_ar / (drafts_per_round * self.t_draft + self.t_verify)
+
+
+def measure_batch_step_times(model, exit_layer: int, k: int, batch: int, *, context_len: int = 64,
+                             repeats: int = 10, warmup: int = 2) -> BatchStepTimes:
+    """Time a batched round's passes for `batch` rows at `context_len` (the batched engine's own forward,
+    per-row positions and masks as in decoding/batch.py), each in isolation, interleaved per repetition."""
+    stack = prepare(model)
+    L = stack.num_layers
+    if not 1 <= exit_layer < L:
+        raise LayerSkipError(f"exit_layer must be in [1, {L - 1}] for this {L}-layer model, got {exit_layer}")
+    T = context_len
+    ids = torch.randint(0, stack.vocab_size, (batch, T + k + 2), generator=torch.Generator().manual_seed(0))
+    ids = ids.to(stack.device)
+    cache = stack.new_cache(T + k + 2, batch=batch)
+    pos = torch.full((batch,), T, device=stack.device)  # (B,) every row at the same length
+
+    def step(num_layers: int) -> None:
+        h = stack.run(stack.embed(ids[:, T:T + 1]), 0, num_layers, cache, pos)  # (B, 1, H)
+        stack.logits(h[:, -1]).argmax(-1)
+
+    with torch.inference_mode(), attention_backends(stack.device):
+        stack.run(stack.embed(ids[:, :T]), 0, L, cache, 0)  # the context, in every layer
+        exits = stack.run(stack.embed(ids[:, T:T + k + 1]), 0, exit_layer, cache, pos)  # (B, k + 1, H)
+
+        def verify() -> None:
+            stack.run(stack.embed(ids[:, T + k:T + k + 1]), 0, exit_layer, cache, pos + k)  # the last drafts
+            h = stack.run(exits, exit_layer, L, cache, pos)  # (B, k + 1, H)
+            stack.logits(h.reshape(-1, h.shape[-1])).argmax(-1)
+
+        valid = cache.snapshot()  # write_rows keeps no per-layer validity: the snapshot is only restored as is
+        pieces = [("draft", lambda: step(exit_layer), valid), ("ar", lambda: step(L), valid),
+                  ("verify", verify, valid)]
+        times = _interleaved_medians(pieces, cache, repeats, warmup, stack)
+    return BatchStepTimes(batch, exit_layer, k, T, times["draft"], times["verify"], times["ar"])
