@@ -1,0 +1,147 @@
+"""Batched decoding: every row equals decoding its prompt alone (the slow reference), whatever the batch does."""
+import pytest
+import torch
+
+import layerskip
+from layerskip.errors import LayerSkipError
+from layerskip.testing import make_random_model
+
+LENGTHS = [1, 7, 23, 40, 3]
+
+
+def prompts(lengths=LENGTHS, seed=0, vocab=256):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+def exact_model(exit_layer=2, seed=1):
+    model = make_random_model("llama", num_layers=4, num_kv_heads=2, seed=seed)
+    with torch.no_grad():
+        for layer in model.model.layers[exit_layer:]:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+    return model
+
+
+STRATEGIES = [("autoregressive", {}), ("early_exit", dict(exit_layer=2)),
+              ("self_speculative", dict(exit_layer=2, num_speculations=3)),
+              ("self_speculative", dict(exit_layer=1, num_speculations=5, confidence_threshold=0.02,
+                                        draft_vocab=list(range(0, 256, 3))))]
+
+
+@pytest.mark.parametrize("name", ["llama", "llama-tied", "mistral", "qwen2", "qwen3", "mistral-window"])
+@pytest.mark.parametrize("strategy,options", STRATEGIES)
+def test_every_row_equals_its_batch_1_output(tiny_models, name, strategy, options):
+    model = tiny_models.get(name) or make_random_model("mistral", num_layers=4, num_kv_heads=2, head_dim=16,
+                                                       sliding_window=6, seed=3)  # window < sequence
+    engine = layerskip.prepare(model)
+    batch = prompts()
+    kw = dict(strategy=strategy, max_new_tokens=18, eos_token_id=[], **options)
+    alone = [layerskip.generate(engine, p, **kw).token_ids for p in batch]
+    for B in (1, 2, 5):
+        out = layerskip.generate(engine, batch[:B], **kw)
+        assert isinstance(out, list) and [r.token_ids for r in out] == alone[:B]
+
+
+def test_rows_stop_in_different_rounds_on_eos_and_length():
+    model = exact_model()
+    batch = prompts()
+    free = layerskip.generate(model, batch, max_new_tokens=20, eos_token_id=[])
+    eos = free[1].token_ids[5]  # ends row 1 mid-round; other rows may or may not hold it
+    kw = dict(strategy="self_speculative", exit_layer=2, num_speculations=6, max_new_tokens=20, eos_token_id=eos)
+    alone = [layerskip.generate(model, p, **kw) for p in batch]
+    out = layerskip.generate(model, batch, **kw)
+    assert [r.token_ids for r in out] == [r.token_ids for r in alone]
+    assert [r.stats.stop_reason for r in out] == [r.stats.stop_reason for r in alone]
+    assert {r.stats.stop_reason for r in out} == {"eos", "length"}
+    assert all(r.stats.acceptance_rate == 1.0 for r in out if r.stats.stop_reason == "length")  # exact drafts
+
+
+def test_stop_strings_per_row(tiny_checkpoint):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model, tok = AutoModelForCausalLM.from_pretrained(tiny_checkpoint).eval(), AutoTokenizer.from_pretrained(tiny_checkpoint)
+    texts = ["def main():\n    return", "import os\n", "class A:\n    x ="]
+    ids = [tok(t).input_ids for t in texts]
+    free = layerskip.generate(model, ids[0], max_new_tokens=30, eos_token_id=[], tokenizer=tok).text
+    stop = free[6:9]
+    kw = dict(strategy="self_speculative", exit_layer=2, num_speculations=4, max_new_tokens=30, eos_token_id=[],
+              stop_strings=[stop], tokenizer=tok)
+    alone = [layerskip.generate(model, p, **kw) for p in ids]
+    out = layerskip.generate(model, ids, **kw)
+    assert [(r.token_ids, r.text, r.stats.stop_reason) for r in out] == \
+           [(r.token_ids, r.text, r.stats.stop_reason) for r in alone]
+    assert out[0].stats.stop_reason == "stop_string"
+
+
+@pytest.mark.parametrize("strategy,options", [("autoregressive", {}),
+                                              ("self_speculative", dict(exit_layer=1, num_speculations=3))])
+def test_sampled_row_b_equals_its_prompt_alone_with_seed_plus_b(tiny_llama, strategy, options):
+    batch = prompts()
+    kw = dict(strategy=strategy, max_new_tokens=12, do_sample=True, temperature=1.5, eos_token_id=[], **options)
+    out = layerskip.generate(tiny_llama, batch, seed=10, **kw)
+    assert [r.token_ids for r in out] == [layerskip.generate(tiny_llama, p, seed=10 + b, **kw).token_ids
+                                          for b, p in enumerate(batch)]
+
+
+def test_padded_tensor_with_attention_mask_equals_the_list(tiny_llama):
+    batch = prompts([3, 6, 1])
+    width = max(map(len, batch))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in batch])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
+    a = layerskip.generate(tiny_llama, ids, attention_mask=mask, max_new_tokens=6, eos_token_id=[])
+    b = layerskip.generate(tiny_llama, batch, max_new_tokens=6, eos_token_id=[])
+    assert [r.token_ids for r in a] == [r.token_ids for r in b]
+
+
+def test_streaming_per_row_and_finished_rows_leave(tiny_llama):
+    engine = layerskip.prepare(tiny_llama)
+    sizes, run = [], engine.run
+    engine.run = lambda h, *a: sizes.append(h.shape[0]) or run(h, *a)
+    got = {}
+    batch = prompts([4, 9, 2])
+    free = layerskip.generate(tiny_llama, batch[1], max_new_tokens=10, eos_token_id=[]).token_ids
+    out = layerskip.generate(engine, batch, max_new_tokens=10, eos_token_id=free[1],
+                             streamer=lambda row, ids: got.setdefault(row, []).extend(ids))
+    assert {row: got.get(row, []) for row in range(3)} == {row: r.token_ids for row, r in enumerate(out)}
+    assert len(out[1].token_ids) == free.index(free[1]) + 1 and sizes[0] == 3 and min(sizes) < 3
+
+
+def test_bad_batches_are_clear_errors(tiny_llama):
+    ids = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    cases = [([], {}, "empty"), ([[1, 2], []], {}, "prompt 1 is empty"),
+             (ids, dict(attention_mask=torch.ones(2, 4)), "attention_mask has shape"),
+             (ids, dict(attention_mask=torch.tensor([[1, 0, 1], [1, 1, 1]])), "not left padding"),
+             ([[1, 2], [3, 999]], {}, "outside this model's vocabulary"),
+             ([[1, 2], [3]], dict(timings=True), "single prompt")]
+    for inputs, kw, match in cases:
+        with pytest.raises(LayerSkipError, match=match):
+            layerskip.generate(tiny_llama, inputs, max_new_tokens=2, **kw)
+
+    class Streamer:
+        def put(self, value): ...
+        def end(self): ...
+
+    with pytest.raises(LayerSkipError, match="callable"):
+        layerskip.generate(tiny_llama, [[1], [2]], streamer=Streamer())
+
+
+def test_generate_prompts_file_cli(tiny_checkpoint, tmp_path, capsys):
+    import json
+
+    from layerskip.cli import main
+
+    src = tmp_path / "p.jsonl"
+    src.write_text("\n".join(json.dumps({"prompt": p}) for p in ["def f(x):", "import os", "x = 1"]) + "\n")
+    out = tmp_path / "out.jsonl"
+    assert main(["generate", "--model", str(tiny_checkpoint), "--prompts", str(src), "--out", str(out),
+                 "--batch-size", "2", "--strategy", "self-speculative", "--exit-layer", "2",
+                 "--max-new-tokens", "8"]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["index"] for r in rows] == [0, 1, 2] and all(len(r["token_ids"]) <= 8 for r in rows)
+    main(["generate", "--model", str(tiny_checkpoint), "--prompt", "import os", "--strategy", "self-speculative",
+          "--exit-layer", "2", "--max-new-tokens", "8"])
+    assert capsys.readouterr().out.rstrip("\n") == rows[1]["text"]
+    src.write_text('{"text": "no prompt"}\n')
+    assert main(["generate", "--model", str(tiny_checkpoint), "--prompts", str(src)]) == 2
+    assert "needs a non-empty \"prompt\"" in capsys.readouterr().err
