@@ -83,9 +83,10 @@ def test_unsupported_architecture(tmp_path, capsys):
 def test_api_errors(tiny_llama):
     with pytest.raises(layerskip.LayerSkipError, match="empty"):
         layerskip.generate(tiny_llama, [])
-    with pytest.raises(layerskip.LayerSkipError, match="batch size 1"):
-        import torch
-        layerskip.generate(tiny_llama, torch.zeros(2, 3, dtype=torch.long))
+    import torch
+    assert len(layerskip.generate(tiny_llama, torch.zeros(2, 3, dtype=torch.long), max_new_tokens=2)) == 2  # a batch
+    with pytest.raises(layerskip.LayerSkipError, match="shape"):
+        layerskip.generate(tiny_llama, torch.zeros(2, 3, 1, dtype=torch.long))
     with pytest.raises(layerskip.LayerSkipError, match="exit_layer"):
         layerskip.generate(tiny_llama, [1], strategy="early_exit", exit_layer=4)
 
