@@ -145,3 +145,39 @@ def test_generate_prompts_file_cli(tiny_checkpoint, tmp_path, capsys):
     src.write_text('{"text": "no prompt"}\n')
     assert main(["generate", "--model", str(tiny_checkpoint), "--prompts", str(src)]) == 2
     assert "needs a non-empty \"prompt\"" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["llama", "mistral-window", "qwen3"])
+@pytest.mark.parametrize("strategy,options", STRATEGIES[::2] + STRATEGIES[3:])
+def test_rows_joining_a_running_batch_equal_their_batch_1_output(tiny_models, name, strategy, options):
+    """Continuous batching: rows join between rounds (the running rows at other lengths, some leaving), and
+    each still equals its prompt decoded alone, greedy and sampled."""
+    from layerskip.decoding.batch import Batch, Row
+    from layerskip.decoding.config import DecodeConfig
+    from layerskip.decoding.result import GenerationStats
+    from layerskip.decoding.stopping import StopChecker
+
+    model = tiny_models.get(name) or make_random_model("mistral", num_layers=4, num_kv_heads=2, head_dim=16,
+                                                       sliding_window=6, seed=3)
+    engine = layerskip.prepare(model)
+    batch, budgets = prompts([5, 1, 30, 12, 2, 17]), [9, 14, 6, 20, 11, 8]
+    configs = [DecodeConfig(strategy=strategy, max_new_tokens=n, eos_token_id=(), **options) for n in budgets]
+    configs[3] = configs[3].replace(do_sample=True, seed=5, temperature=0.9)  # one sampled row among greedy ones
+    alone = [layerskip.generate(engine, p, c).token_ids for p, c in zip(batch, configs)]
+    cfg = configs[0].resolve(model)
+    running = Batch(engine, strategy=cfg.strategy, exit_layer=cfg.exit_layer, num_speculations=cfg.num_speculations,
+                    draft_vocab=cfg.draft_vocab_tensor(engine.device), confidence_threshold=cfg.confidence_threshold)
+    rows, done, steps = [], [], 0
+    for p, c in zip(batch, configs):
+        r = c.resolve(model, warn=False)
+        gen = torch.Generator().manual_seed(r.seed) if r.seed is not None else None
+        rows.append(Row(len(rows), list(p), StopChecker(r.max_new_tokens, ()), GenerationStats(strategy=r.strategy),
+                        r.sampling, gen))
+    joins = {0: [0, 1], 1: [2], 3: [3, 4], 4: [5]}  # step -> rows that join before it
+    with torch.inference_mode():
+        while steps in joins or len(running):
+            running.add([rows[i] for i in joins.get(steps, [])])
+            done += running.step()
+            steps += 1
+    assert sorted(r.index for r in done) == list(range(6))
+    assert [r.generated for r in rows] == alone

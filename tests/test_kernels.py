@@ -24,9 +24,11 @@ def test_tune_picks_a_kernel_per_row_count(tiny_llama):
 
 
 def test_each_row_count_uses_its_buckets_kernel():
-    kernels = ("wxt", "linear", "onednn", "linear")  # buckets starting at TUNE_ROWS = (1, 2, 4, 8)
-    assert TUNE_ROWS == (1, 2, 4, 8)
+    kernels = ("wxt", "linear", "onednn", "linear", "onednn", "linear", "onednn")
+    assert TUNE_ROWS == (1, 2, 4, 8, 16, 32, 64)
     assert [route(kernels, r) for r in range(1, 13)] == ["wxt", "linear", "linear"] + ["onednn"] * 4 + ["linear"] * 5
+    assert [route(kernels, r) for r in (15, 16, 31, 32, 63, 64, 500)] == ["linear", "onednn", "onednn", "linear",
+                                                                           "linear", "onednn", "onednn"]
 
 
 def test_unknown_kernel_is_an_error(tiny_llama):
@@ -47,7 +49,7 @@ def test_reordered_weights_follow_in_place_changes():
     torch.testing.assert_close(matmul(x, w, None, "onednn", packed), x @ w.T)
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 5, 12, 13])
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 12, 13, 72])
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_matmul_equals_linear_and_is_contiguous(rows, kernel):
     """Each kernel gives F.linear's result in a plain row-major layout: a transposed view would be inherited

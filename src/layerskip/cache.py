@@ -76,6 +76,18 @@ class KVCache:
         self.keys = [t.index_select(0, rows) for t in self.keys]
         self.values = [t.index_select(0, rows) for t in self.values]
 
+    def append_rows(self, other: "KVCache") -> None:
+        """Batched decoding: rows join (a server's new requests): other's rows go after these, in every layer.
+        The shorter of the two is padded to the longer's max_len first. Copies every layer once."""
+        if other.num_layers != self.num_layers:
+            raise ValueError(f"append_rows: {other.num_layers} layers onto {self.num_layers}")
+        size = max(self.max_len, other.max_len)
+        pad = lambda t: t if t.shape[2] == size else torch.cat([t, t.new_zeros(*t.shape[:2], size - t.shape[2],
+                                                                                t.shape[3])], 2)
+        self.keys = [torch.cat([pad(a), pad(b)]) for a, b in zip(self.keys, other.keys)]
+        self.values = [torch.cat([pad(a), pad(b)]) for a, b in zip(self.values, other.values)]
+        self.max_len = size
+
     def crop(self, length: int) -> None:
         """Roll back: keep only positions [0, length) valid in every layer."""
         self.valid = [min(v, length) for v in self.valid]

@@ -1,13 +1,16 @@
-"""Few-row matmul kernels for CPU decoding, and `tune`, which picks one per row count on this machine.
+"""Matmul kernels for CPU decoding, and `tune`, which picks one per row count on this machine.
 
-Decoding multiplies 1 to ~12 rows by weight matrices. Which kernel is faster for that depends on the CPU, the
+Decoding multiplies 1 to ~12 rows by weight matrices at batch 1, and tens to a few hundred in a batched verify
+pass (B rows of k + 1 tokens). Which kernel is faster for that depends on the CPU, the
 thread count and the matrices, by up to 2x either way: MKL's path for x @ W.T (a GEMV for one row, a GEMM that
 repacks W for a few rows) can stream the weights at half the bandwidth of a GEMM computing W @ x.T, or be the
 faster one for every row count; oneDNN's linear on a copy of the weight reordered for it once (`PackedWeights`)
 can cost nearly the same for 2 rows as for 9 where MKL's cost doubles, and be the slowest for one row. So
-`tune` times the kernels on the model itself, once, for each bucket of row counts (`TUNE_ROWS`). Past
-`SMALL_GEMM_MAX_ROWS` rows the usual path wins everywhere. Same arithmetic, another kernel. Measurements are in
-docs/benchmarks.md.
+`tune` times the kernels on the model itself, once, for each bucket of row counts (`TUNE_ROWS`). "wxt" is a
+few-row trick: past `SMALL_GEMM_MAX_ROWS` rows it is F.linear. oneDNN on reordered weights stays ahead of MKL's
+F.linear at every row count measured up to 136 (1.3x to 2x on a 2-core Zen 4, the LM head most of all), which is
+why the buckets reach 64: a batched verify pass of 72 rows used to fall back to F.linear. Same arithmetic, another
+kernel. Measurements are in docs/benchmarks.md.
 
 Tuning is an explicit step: `tune(stack)` (or `layerskip.prepare(model, tune=True)`); an untuned stack on a CPU
 uses "wxt" for every row count, and any other device "linear". The choice is `stack.kernels`; the decoding stats
@@ -25,9 +28,9 @@ from layerskip.errors import LayerSkipError
 
 KERNELS = ("linear", "wxt", "onednn")  # F.linear (x @ W.T); W @ x.T; oneDNN on reordered weights
 SMALL_GEMM_MAX_ROWS = 12
-# The row counts `tune` times: a one-token step, and verify passes of a few tokens. Row count r uses the
-# choice made for the largest of these <= r.
-TUNE_ROWS = (1, 2, 4, 8)
+# The row counts `tune` times: a one-token step, verify passes of a few tokens, and batched steps and verify
+# passes. Row count r uses the choice made for the largest of these <= r.
+TUNE_ROWS = (1, 2, 4, 8, 16, 32, 64)
 
 
 def check_kernel(kernel: str) -> str:
@@ -83,12 +86,13 @@ def linear(x: torch.Tensor, layer: nn.Module, kernel: str, packed: PackedWeights
 
 def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, kernel: str,
            packed: PackedWeights | None = None) -> torch.Tensor:
-    """F.linear(x, weight, bias) for x (..., in), weight (out, in), through `kernel` (KERNELS) for few rows.
+    """F.linear(x, weight, bias) for x (..., in), weight (out, in), through `kernel` (KERNELS); "wxt" only for
+    up to SMALL_GEMM_MAX_ROWS rows (F.linear past them).
 
     "onednn" needs `packed` (the reordered weights) and a float32 weight; otherwise it falls back to F.linear.
     """
     rows = x.numel() // x.shape[-1]
-    if kernel == "linear" or rows > SMALL_GEMM_MAX_ROWS:
+    if kernel == "linear" or kernel == "wxt" and rows > SMALL_GEMM_MAX_ROWS:
         return F.linear(x, weight, bias)
     if kernel == "onednn":
         if packed is None or weight.dtype != torch.float32 or weight.requires_grad and torch.is_grad_enabled():
@@ -125,9 +129,10 @@ def tune(stack, reps: int = 3) -> tuple[str, ...]:
     """Choose the few-row matmul kernel of `stack` (a LayerStack) by timing each on its model, on this machine.
 
     For each row count in TUNE_ROWS, a pass through every layer and the head with each kernel (`candidates`),
-    alternating, `reps` times after one warm-up round; the fastest minimum wins. 12 (reps + 1) passes, a few
-    seconds for a 135M model. Reordered weights are dropped afterwards (remade on use, for the layers that need
-    them). Off CPU nothing is timed: "linear".
+    alternating, `reps` times after one warm-up round; the fastest minimum wins (past SMALL_GEMM_MAX_ROWS "wxt"
+    is F.linear, so it is not timed there): about 17 (reps + 1) passes, a few seconds for a 135M model.
+    Reordered weights are dropped afterwards (remade on use, for the layers that need them). Off CPU nothing is
+    timed: "linear".
 
     Returns:
         the kernel for each bucket of row counts (TUNE_ROWS), also set as `stack.kernels`.
@@ -141,16 +146,17 @@ def tune(stack, reps: int = 3) -> tuple[str, ...]:
         for rows in TUNE_ROWS:
             h = stack.embed(torch.zeros(1, rows, dtype=torch.long, device=stack.device))
             cache = stack.new_cache(rows)
-            best = dict.fromkeys(names, float("inf"))
+            timed = [k for k in names if k != "wxt" or rows <= SMALL_GEMM_MAX_ROWS]
+            best = dict.fromkeys(timed, float("inf"))
             for rep in range(reps + 1):
-                for kernel in names:
+                for kernel in timed:
                     stack.kernels = (kernel,) * len(TUNE_ROWS)
                     cache.crop(0)
                     t0 = time.perf_counter()
                     stack.logits(stack.run(h, 0, stack.num_layers, cache, 0))
                     if rep:  # round 0 warms up
                         best[kernel] = min(best[kernel], time.perf_counter() - t0)
-            choice.append(min(names, key=best.__getitem__))
+            choice.append(min(timed, key=best.__getitem__))
     stack.kernels = tuple(choice)
     stack.packed.clear()
     return stack.kernels

@@ -206,7 +206,7 @@ def decode_many(stack: LayerStack, prompts: list[list[int]], cfg: ResolvedConfig
         if cfg.sampling.do_sample and cfg.seed is not None:
             generator = torch.Generator(device=stack.device).manual_seed(cfg.seed + b)
         rows.append(Row(b, list(ids), StopChecker(cfg.max_new_tokens, cfg.eos_token_id, cfg.stop_strings, tokenizer),
-                         _new_stats(stack, cfg, len(ids)), generator))
+                         _new_stats(stack, cfg, len(ids)), cfg.sampling, generator))
     t0 = time.perf_counter()
 
     def emitted(b: int, ids: list[int]) -> None:
@@ -218,8 +218,7 @@ def decode_many(stack: LayerStack, prompts: list[list[int]], cfg: ResolvedConfig
     if cfg.max_new_tokens > 0:
         with torch.inference_mode(), attention_backends(stack.device):
             decode_batch(stack, list(rows), strategy=cfg.strategy, exit_layer=cfg.exit_layer,
-                         num_speculations=cfg.num_speculations, params=cfg.sampling,
-                         draft_vocab=cfg.draft_vocab_tensor(stack.device),
+                         num_speculations=cfg.num_speculations, draft_vocab=cfg.draft_vocab_tensor(stack.device),
                          confidence_threshold=cfg.confidence_threshold or 0.0, on_tokens=emitted)
     total = time.perf_counter() - t0
     results = []

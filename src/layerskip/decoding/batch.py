@@ -12,6 +12,10 @@ Design: pad and mask, one cache (BASS-PAD, Qian et al. 2024).
            at the positions after them. Rotary positions are per row, and the attention mask is causal on each
            row's own positions (forward.LayerStack.run with a tensor `pos`), so row b computes exactly what it
            would alone; padding's K/V is garbage that no real query sees.
+  joining  rows join a running batch between steps (`Batch.add`; `decode_batch` adds them all at once, a server
+           as requests arrive): their prompts but the last token go through the strategy's layers as one ragged
+           block of their own, into cache rows appended to the batch's; each then holds one pending token, like
+           every running row, so a pass is never padded to a prompt's width.
   a round  every active row drafts up to its own k (d, fewer near its max_new_tokens, or fewer where its
            confidence threshold stops it); each draft step is one (B, 1) pass through [0, E) for the rows still
            drafting (the others feed padding); then one verify pass of every row's exit hidden states through
@@ -20,7 +24,8 @@ Design: pad and mask, one cache (BASS-PAD, Qian et al. 2024).
            copy of the cache per finishing round), so it stops costing matmul rows and attention. Masking it
            instead would keep paying for it every step until the longest row ends.
 Guarantee: row b's greedy output equals decoding prompt b alone (`generate(model, prompt_b)`), token for token in
-fp32, whatever the other rows do; sampled rows use the same acceptance rule per row, with generator seed + b.
+fp32, whatever the other rows do or when it joined; sampling parameters are per row, and sampled rows use the
+same acceptance rule per row, each with its own generator (`generate` seeds row b with seed + b).
 """
 from __future__ import annotations
 
@@ -29,7 +34,7 @@ from dataclasses import dataclass, field
 import torch
 
 from layerskip.decoding.result import GenerationStats
-from layerskip.decoding.sampling import SamplingParams, probabilities, select
+from layerskip.decoding.sampling import SamplingParams, select
 from layerskip.decoding.self_speculative import Round, draft_token
 from layerskip.decoding.self_speculative import accept as accept_round
 from layerskip.decoding.self_speculative import Draft
@@ -43,10 +48,11 @@ PAD_ID = 0  # the token fed where a row has nothing to feed; its K/V is never vi
 class Row:
     """One prompt's state in the batch."""
 
-    index: int  # its place in the caller's list
+    index: object  # the caller's key: its place in the caller's list, or a server's request id
     pending: list[int]  # fed next (the prompt at first, then the last emitted token)
     stopper: StopChecker
     stats: GenerationStats
+    params: SamplingParams  # greedy or sampling, per row
     generator: torch.Generator | None
     pos: int = 0  # positions [0, pos) of its cache row hold its accepted sequence
     generated: list[int] = field(default_factory=list)
@@ -72,44 +78,105 @@ def _finish(row: Row, tokens: list[int], on_tokens) -> None:
         row.stats.stop_reason, row.done = reason, True
 
 
-def _leave(cache, rows: list[Row]) -> list[Row]:
-    """Drop finished rows from the batch and from the cache."""
-    keep = [i for i, r in enumerate(rows) if not r.done]
-    if len(keep) < len(rows) and keep:
-        cache.keep_rows(torch.tensor(keep, device=cache.keys[0].device))
-    return [rows[i] for i in keep]
+class Batch:
+    """A running batch under one decoding plan: rows join (`add`), every row advances by one step or round
+    (`step`), and finished rows leave. `decode_batch` runs one to its end; a server adds rows between steps.
+
+    Args:
+        strategy, exit_layer, num_speculations, draft_vocab, confidence_threshold: what every row shares.
+        on_tokens(row index, ids): called with what each row emits, as it emits it.
+    """
+
+    def __init__(self, stack: LayerStack, *, strategy: str, exit_layer: int | None, num_speculations: int | None,
+                 draft_vocab: torch.Tensor | None = None, confidence_threshold: float = 0.0, on_tokens=None):
+        self.stack, self.strategy, self.exit_layer = stack, strategy, exit_layer
+        self.num_speculations, self.draft_vocab = num_speculations, draft_vocab
+        self.confidence_threshold, self.on_tokens = confidence_threshold or 0.0, on_tokens
+        self.rows: list[Row] = []
+        self.cache = None
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def _room(self, row: Row) -> int:
+        """Positions row needs: its prompt, its new tokens, and a pass's padding past its last token (d + 1)."""
+        return row.pos + len(row.pending) + row.stopper.remaining(row.generated) + (self.num_speculations or 0) + 1
+
+    def add(self, rows: list[Row]) -> None:
+        """Join new rows (each with its whole prompt pending and max_new_tokens >= 1).
+
+        Their prompts but the last token go through the layers the strategy runs, as one ragged block of their
+        own (the running rows wait one pass, not one pass per joiner); then each joins with one pending token,
+        like every running row, so no later pass is padded to a prompt's width. Their cache rows are appended to
+        the batch's (one copy of the cache per join, as one per leave).
+        """
+        if not rows:
+            return
+        stack = self.stack
+        size = max(map(self._room, rows + self.rows))
+        cache = stack.new_cache(size, batch=len(rows))
+        prefix = [r.pending[:-1] for r in rows]
+        if any(prefix):
+            layers = self.exit_layer if self.strategy == "early_exit" else stack.num_layers
+            stack.run(stack.embed(_block(prefix, stack.device)), 0, layers, cache, _positions(rows, stack.device))
+        for r, p in zip(rows, prefix):
+            r.pos, r.pending = r.pos + len(p), r.pending[-1:]
+        if self.cache is None:
+            self.cache = cache
+        else:
+            self.cache.append_rows(cache)
+        self.rows += rows
+
+    def step(self) -> list[Row]:
+        """One step (autoregressive, early exit) or round (self-speculative) for every row; returns the rows that
+        finished in it, which have left the batch."""
+        if self.strategy == "self_speculative":
+            _speculative_round(self.stack, self.cache, self.rows, self.exit_layer, self.num_speculations,
+                               self.draft_vocab, self.confidence_threshold, self.on_tokens)
+        else:
+            _step(self.stack, self.cache, self.rows, self.exit_layer or self.stack.num_layers, self.on_tokens)
+        return self.leave(lambda r: r.done)
+
+    def leave(self, gone) -> list[Row]:
+        """Drop the rows for which gone(row) holds (finished, or a server's cancelled requests) from the batch and
+        its cache; returns them."""
+        keep = [i for i, r in enumerate(self.rows) if not gone(r)]
+        if len(keep) == len(self.rows):
+            return []
+        left = [r for r in self.rows if gone(r)]
+        if keep:
+            self.cache.keep_rows(torch.tensor(keep, device=self.cache.keys[0].device))
+        else:
+            self.cache = None
+        self.rows = [self.rows[i] for i in keep]
+        return left
 
 
 def decode_batch(stack: LayerStack, rows: list[Row], *, strategy: str, exit_layer: int | None,
-                 num_speculations: int | None, params: SamplingParams, draft_vocab: torch.Tensor | None = None,
+                 num_speculations: int | None, draft_vocab: torch.Tensor | None = None,
                  confidence_threshold: float = 0.0, on_tokens=None) -> None:
     """Decode every row to its stop (each with max_new_tokens >= 1); fills each row's `generated` and `stats`.
 
     on_tokens(row index, ids) is called with what each row emits, as it emits it.
     """
-    longest = max(len(r.pending) for r in rows) + max(r.stopper.max_new_tokens for r in rows)
-    # room for every row's longest pass: its padding may reach d + 1 positions past its own last token
-    cache = stack.new_cache(longest + (num_speculations or 0) + 1, batch=len(rows))
-    while rows:
-        if strategy == "self_speculative":
-            _speculative_round(stack, cache, rows, exit_layer, num_speculations, params, draft_vocab,
-                               confidence_threshold, on_tokens)
-        else:
-            _step(stack, cache, rows, exit_layer or stack.num_layers, params, on_tokens)
-        rows = _leave(cache, rows)
+    batch = Batch(stack, strategy=strategy, exit_layer=exit_layer, num_speculations=num_speculations,
+                  draft_vocab=draft_vocab, confidence_threshold=confidence_threshold, on_tokens=on_tokens)
+    batch.add(rows)
+    while batch.rows:
+        batch.step()
 
 
-def _step(stack: LayerStack, cache, rows: list[Row], num_layers: int, params: SamplingParams, on_tokens) -> None:
+def _step(stack: LayerStack, cache, rows: list[Row], num_layers: int, on_tokens) -> None:
     """One autoregressive (or early-exit) step for every row: each row's pending tokens through [0, num_layers)."""
     counts = [len(r.pending) for r in rows]
     h = stack.run(stack.embed(_block([r.pending for r in rows], stack.device)), 0, num_layers, cache,
                   _positions(rows, stack.device))  # (B, W, H)
     last = h[torch.arange(len(rows)), torch.tensor(counts) - 1]  # (B, H): each row's last real position
     logits = stack.logits(last)  # (B, V)
-    if params.do_sample:  # each row from its own generator, as it would alone
-        tokens = [int(select(logits[b:b + 1], params, r.generator)[0]) for b, r in enumerate(rows)]
-    else:
-        tokens = logits.argmax(-1).tolist()
+    tokens = logits.argmax(-1).tolist()
+    for b, r in enumerate(rows):  # sampled rows each from their own generator, as they would alone
+        if r.params.do_sample:
+            tokens[b] = int(select(logits[b:b + 1], r.params, r.generator)[0])
     for r, n, t in zip(rows, counts, tokens):
         r.stats.rounds += 1
         r.pos += n
@@ -117,8 +184,19 @@ def _step(stack: LayerStack, cache, rows: list[Row], num_layers: int, params: Sa
         _finish(r, [t], on_tokens)
 
 
-def _speculative_round(stack: LayerStack, cache, rows: list[Row], E: int, d: int, params: SamplingParams,
-                       vocab, threshold: float, on_tokens) -> None:
+def _greedy_drafts(logits: torch.Tensor, vocab: torch.Tensor | None, threshold: float) -> list[int | None]:
+    """Every row's greedy draft from (B, V') draft logits at once (draft_token's greedy rule, vectorised): the
+    argmax (mapped through the draft vocabulary), or None where its probability is below the threshold."""
+    top = logits.argmax(-1)  # (B,)
+    tokens = (top if vocab is None else vocab[top]).tolist()
+    if threshold <= 0:
+        return tokens
+    sure = (torch.softmax(logits.float(), -1).max(-1).values >= threshold).tolist()
+    return [t if ok else None for t, ok in zip(tokens, sure)]
+
+
+def _speculative_round(stack: LayerStack, cache, rows: list[Row], E: int, d: int, vocab, threshold: float,
+                       on_tokens) -> None:
     """One self-speculative round for every row (see the module docstring)."""
     B, device = len(rows), stack.device
     counts = [len(r.pending) for r in rows]  # n_b
@@ -132,10 +210,14 @@ def _speculative_round(stack: LayerStack, cache, rows: list[Row], E: int, d: int
     while any(drafting):
         logits = stack.logits(current, vocab)  # (B, V')
         feed = [None] * B
+        greedy = _greedy_drafts(logits, vocab, threshold)  # every row's greedy draft, one sync
         for b, r in enumerate(rows):
             if not drafting[b]:
                 continue
-            token, q = draft_token(logits[b:b + 1], params, r.generator, vocab, threshold, stack.vocab_size)
+            if r.params.do_sample:
+                token, q = draft_token(logits[b:b + 1], r.params, r.generator, vocab, threshold, stack.vocab_size)
+            else:
+                token, q = greedy[b], None
             if token is None:  # not confident enough: this row's drafting ends here
                 drafting[b] = False
                 continue
@@ -171,8 +253,8 @@ def _speculative_round(stack: LayerStack, cache, rows: list[Row], E: int, d: int
     logits = stack.logits(wanted).split([len(t) + 1 for t in drafts])  # row b: (k_b + 1, V)
     for b, r in enumerate(rows):
         tokens = torch.tensor(drafts[b], dtype=torch.long, device=device)
-        q = torch.cat(probs[b], 0) if params.do_sample and drafts[b] else None
-        a, nxt = accept_round(Draft(tokens, q, seqs[b][None], r.pos, counts[b]), logits[b], params, r.generator)
+        q = torch.cat(probs[b], 0) if r.params.do_sample and drafts[b] else None
+        a, nxt = accept_round(Draft(tokens, q, seqs[b][None], r.pos, counts[b]), logits[b], r.params, r.generator)
         result = Round(len(drafts[b]), a, drafts[b][:a] + [nxt])
         before = len(r.generated)
         r.pos += counts[b] + a  # rollback: the row keeps x0 and its accepted drafts
