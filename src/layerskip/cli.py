@@ -5,6 +5,7 @@ registers a parser whose `func(args) -> int` does the work:
   generate, demo        layerskip.decoding.cli
   bench, sweep, analyze layerskip.evaluation.cli
   train, selfgen        layerskip.training.cli
+  serve                 layerskip.serving.cli
 A user mistake (LayerSkipError) is one line on stderr and exit code 2; an option that has no effect
 (LayerSkipWarning) is one warning line on stderr.
 """
@@ -18,6 +19,7 @@ from layerskip.decoding import cli as decoding_cli
 from layerskip.decoding.config import LayerSkipWarning
 from layerskip.errors import LayerSkipError
 from layerskip.evaluation import cli as evaluation_cli
+from layerskip.serving import cli as serving_cli
 from layerskip.training import cli as training_cli
 
 
@@ -27,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="LayerSkip: early-exit training and self-speculative decoding for transformers models.",
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module in (decoding_cli, evaluation_cli, training_cli):
+    for module in (decoding_cli, evaluation_cli, training_cli, serving_cli):
         module.add_parser(subparsers)
     return parser
 

@@ -168,7 +168,7 @@ def generate(model, input_ids, config: DecodeConfig | None = None, *, attention_
     return decode(stack, prompt, resolved, tokenizer=tokenizer, streamer=streamer, timings=timings)
 
 
-def _check_prompt(stack: LayerStack, ids: list[int], cfg: ResolvedConfig, what: str) -> None:
+def check_prompt(stack: LayerStack, ids: list[int], cfg: ResolvedConfig, what: str) -> None:
     if not ids:
         raise LayerSkipError(f"{what} is empty: give at least one token")
     if any(not isinstance(t, int) or isinstance(t, bool) for t in ids):
@@ -182,7 +182,7 @@ def _check_prompt(stack: LayerStack, ids: list[int], cfg: ResolvedConfig, what: 
         )
 
 
-def _new_stats(stack: LayerStack, cfg: ResolvedConfig, num_prompt_tokens: int) -> GenerationStats:
+def new_stats(stack: LayerStack, cfg: ResolvedConfig, num_prompt_tokens: int) -> GenerationStats:
     return GenerationStats(strategy=cfg.strategy, exit_layer=cfg.exit_layer, num_speculations=cfg.num_speculations,
                            confidence_threshold=cfg.confidence_threshold,
                            draft_vocab_size=None if cfg.draft_vocab is None else len(cfg.draft_vocab),
@@ -199,14 +199,14 @@ def decode_many(stack: LayerStack, prompts: list[list[int]], cfg: ResolvedConfig
     if not prompts:
         raise LayerSkipError("the batch is empty: give at least one prompt")
     for b, ids in enumerate(prompts):
-        _check_prompt(stack, ids, cfg, f"prompt {b}")
+        check_prompt(stack, ids, cfg, f"prompt {b}")
     rows = []
     for b, ids in enumerate(prompts):
         generator = None
         if cfg.sampling.do_sample and cfg.seed is not None:
             generator = torch.Generator(device=stack.device).manual_seed(cfg.seed + b)
         rows.append(Row(b, list(ids), StopChecker(cfg.max_new_tokens, cfg.eos_token_id, cfg.stop_strings, tokenizer),
-                         _new_stats(stack, cfg, len(ids)), cfg.sampling, generator))
+                         new_stats(stack, cfg, len(ids)), cfg.sampling, generator))
     t0 = time.perf_counter()
 
     def emitted(b: int, ids: list[int]) -> None:
@@ -240,7 +240,7 @@ def decode(stack: LayerStack, prompt: torch.Tensor, cfg: ResolvedConfig, *, toke
             f"{stack.max_positions} positions; shorten the prompt or lower max_new_tokens"
         )
     stopper = StopChecker(cfg.max_new_tokens, cfg.eos_token_id, cfg.stop_strings, tokenizer)
-    stats = _new_stats(stack, cfg, T)
+    stats = new_stats(stack, cfg, T)
     generator = None
     if cfg.sampling.do_sample and cfg.seed is not None:
         generator = torch.Generator(device=stack.device).manual_seed(cfg.seed)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from layerskip.decoding.stopping import cut_at_stop
+from layerskip.decoding.stopping import TextStream
 from layerskip.errors import LayerSkipError
 
 # Prompts end mid-line: the tokenizer merges a newline with the next line's indent, so a prompt that
@@ -120,31 +120,20 @@ class TextPrinter:
     """Prints decoded text as tokens arrive, holding back what could still turn into a stop string."""
 
     def __init__(self, tokenizer, stop_strings=None, out=None):
-        self.tokenizer, self.stops, self.out = tokenizer, tuple(stop_strings or ()), out or sys.stdout
-        self.ids: list[int] = []
-        self.printed = 0
+        self.stream, self.out = TextStream(tokenizer, stop_strings), out or sys.stdout
 
     def __call__(self, ids: list[int]) -> None:
-        self.ids += ids
-        text = self._cut(self.tokenizer.decode(self.ids, skip_special_tokens=True))
-        hold = max((len(s) for s in self.stops), default=1) - 1
-        safe = text[: len(text) - hold] if hold else text
-        safe = safe.rstrip("\ufffd")  # an incomplete UTF-8 sequence: wait for the next token
-        self._write(safe)
+        self._write(self.stream.feed(ids))
 
     def finish(self, final_text: str) -> None:
-        self._write(final_text)
+        self._write(self.stream.finish(final_text))
         self.out.write("\n")
         self.out.flush()
 
-    def _cut(self, text: str) -> str:
-        return cut_at_stop(text, self.stops)
-
     def _write(self, text: str) -> None:
-        if len(text) > self.printed:
-            self.out.write(text[self.printed:])
+        if text:
+            self.out.write(text)
             self.out.flush()
-            self.printed = len(text)
 
 
 def decode_config(args, **overrides):

@@ -1,6 +1,7 @@
 """When to stop: EOS ids, stop strings, and max_new_tokens, applied to the tokens a step emits.
 
-`cut_at_stop` is the one place text is cut at a stop string (decoding, streaming, bench and metrics use it).
+`cut_at_stop` is the one place text is cut at a stop string (decoding, streaming, bench and metrics use it);
+`TextStream` turns emitted tokens into text deltas that never show a stop string (the CLI's --stream, the server).
 """
 from __future__ import annotations
 
@@ -56,3 +57,30 @@ def has_stop(tokenizer, ids: list[int], stop_strings) -> bool:
     """Whether the decoded text of `ids` contains a stop string."""
     text = tokenizer.decode(ids, skip_special_tokens=True)
     return any(s in text for s in stop_strings)
+
+
+class TextStream:
+    """Streamed text: `feed(ids)` returns the new text that is safe to show, holding back what could still turn
+    into a stop string (the last len(longest stop) - 1 characters) and an incomplete UTF-8 sequence;
+    `finish(final_text)` returns the rest. The pieces add up to `final_text` (the result's `text`)."""
+
+    def __init__(self, tokenizer, stop_strings=()):
+        self.tokenizer, self.stops = tokenizer, tuple(s for s in (stop_strings or ()) if s)
+        self.ids: list[int] = []
+        self.shown = 0
+
+    def feed(self, ids: list[int]) -> str:
+        self.ids += ids
+        text = cut_at_stop(self.tokenizer.decode(self.ids, skip_special_tokens=True), self.stops)
+        hold = max((len(s) for s in self.stops), default=1) - 1
+        safe = (text[: len(text) - hold] if hold else text).rstrip("\ufffd")  # incomplete UTF-8: wait
+        return self._take(safe)
+
+    def finish(self, final_text: str) -> str:
+        return self._take(final_text)
+
+    def _take(self, text: str) -> str:
+        if len(text) <= self.shown:
+            return ""
+        new, self.shown = text[self.shown:], len(text)
+        return new
