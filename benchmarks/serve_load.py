@@ -1,0 +1,176 @@
+"""Serving under load: `layerskip serve` self-speculative vs autoregressive, concurrent streaming clients.
+
+For each strategy a server process is started on 127.0.0.1 (a free port) with the built-in model; for each
+concurrency c, c clients (threads, the official openai client, streaming, temperature 0) each send their share of
+the HumanEval prompts one after another. Reported per (strategy, c): total tokens/s (tokens / wall time of the
+run), time to first token and per-token latency (the gaps between a stream's chunks, divided by the tokens in
+the chunk) p50 / p95, lost or errored responses, and whether every text equals the other strategy's (greedy
+outputs must be identical); then the same against `transformers serve` on the same model (continuous batching,
+CPU, fp32), where it starts. Bounded: --requests per concurrency level, --max-tokens each.
+
+    python benchmarks/serve_load.py [--concurrency 1,4,16] [--requests 16] [--max-tokens 128] [--json FILE]
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import openai
+
+from layerskip.evaluation.tasks import load_task
+from layerskip.files import write_json
+
+MODEL = "layerskip-default"
+
+
+def start(strategy: str, max_batch: int, threads: int, log):
+    proc = subprocess.Popen([sys.executable, "-m", "layerskip", "serve", "--port", "0", "--strategy", strategy,
+                             "--max-batch-size", str(max_batch), "--threads", str(threads), "--max-queue", "256"],
+                            stdout=subprocess.PIPE, stderr=log, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    line, deadline = "", time.monotonic() + 180
+    while "serving" not in line and time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line and proc.poll() is not None:
+            break
+    match = re.search(r"at (http://\S+)/v1", line)
+    if not match:
+        proc.kill()
+        raise SystemExit(f"the {strategy} server did not start")
+    return proc, match.group(1) + "/v1"
+
+
+def start_transformers(port: int, log):
+    """`transformers serve` on the same model (continuous batching, CPU, fp32); None if it does not come up."""
+    import httpx
+
+    from layerskip.models import default_model_dir
+
+    path = str(default_model_dir())
+    proc = subprocess.Popen(["transformers", "serve", path, "--host", "127.0.0.1", "--port", str(port),
+                             "--continuous-batching", "--device", "cpu", "--dtype", "float32"],
+                            stdout=log, stderr=log, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return proc, f"http://127.0.0.1:{port}/v1", path
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    proc.kill()
+    return None
+
+
+def one(url: str, prompt: str, max_tokens: int, model: str = MODEL) -> dict:
+    c = openai.OpenAI(base_url=url, api_key="none", timeout=300, max_retries=0)
+    t0 = time.perf_counter()
+    stamps, text, tokens = [], [], 0
+    try:
+        for chunk in c.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0,
+                                          stream=True, stream_options={"include_usage": True}):
+            if chunk.usage is not None:
+                tokens = chunk.usage.completion_tokens
+            if chunk.choices and chunk.choices[0].text:
+                stamps.append(time.perf_counter())
+                text.append(chunk.choices[0].text)
+    except openai.APIError as e:
+        return {"error": str(e)}
+    if not tokens:
+        return {"error": "no usage in the stream"}
+    gaps = [b - a for a, b in zip([t0] + stamps[:-1], stamps)][1:]
+    return {"text": "".join(text), "tokens": tokens, "ttft": stamps[0] - t0 if stamps else None,
+            "per_token": (stamps[-1] - stamps[0]) / max(1, tokens - 1) if len(stamps) > 1 else None, "gaps": gaps}
+
+
+def load(url: str, prompts: list[str], concurrency: int, max_tokens: int, model: str = MODEL) -> dict:
+    t0 = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
+        results = list(pool.map(lambda p: one(url, p, max_tokens, model), prompts))
+    wall = time.perf_counter() - t0
+    ok = [r for r in results if "error" not in r]
+    q = lambda xs, f: statistics.quantiles(xs, n=100)[f - 1] if len(xs) > 1 else (xs[0] if xs else None)
+    ttft = [r["ttft"] for r in ok if r["ttft"] is not None]
+    per_token = [r["per_token"] for r in ok if r["per_token"] is not None]
+    return {"tokens_per_second": sum(r["tokens"] for r in ok) / wall, "wall_s": wall, "requests": len(prompts),
+            "errors": len(results) - len(ok), "ttft_p50_s": q(ttft, 50), "ttft_p95_s": q(ttft, 95),
+            "per_token_p50_s": q(per_token, 50), "per_token_p95_s": q(per_token, 95),
+            "texts": [r.get("text") for r in results]}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--concurrency", default="1,4,16")
+    p.add_argument("--requests", type=int, default=16, help="requests per concurrency level (HumanEval prompts)")
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--max-batch-size", type=int, default=16)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--no-transformers", dest="transformers", action="store_false",
+                   help="skip `transformers serve` (the peer)")
+    p.add_argument("--port", type=int, default=18731, help="for `transformers serve` (it takes no port 0)")
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+    levels = [int(c) for c in args.concurrency.split(",")]
+    prompts = [s.prompt for s in load_task("humaneval", limit=args.requests)]
+    report = {"machine": f"{platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, "
+                         f"{args.threads} server threads, fp32",
+              "setup": f"built-in model, {args.requests} HumanEval prompts per level, {args.max_tokens} new tokens, "
+                       f"greedy, streaming, max batch {args.max_batch_size}",
+              "by_concurrency": {}}
+    runs = {}
+    with tempfile.TemporaryFile("w+") as log:
+        for strategy in ("autoregressive", "self-speculative"):
+            proc, url = start(strategy, args.max_batch_size, args.threads, log)
+            try:
+                one(url, "def f():", 8)  # warm-up
+                for c in levels:
+                    runs[strategy, c] = load(url, prompts, c, args.max_tokens)
+                    r = runs[strategy, c]
+                    print(f"{strategy} c={c}: {r['tokens_per_second']:.1f} tok/s, ttft p50 {r['ttft_p50_s']:.3f} s, "
+                          f"errors {r['errors']}", flush=True)
+            finally:
+                proc.terminate()
+                proc.wait(60)
+        started = start_transformers(args.port, log) if args.transformers else None
+        if started:
+            proc, url, name = started
+            try:
+                one(url, "def f():", 8, name)
+                for c in levels:
+                    runs["transformers", c] = r = load(url, prompts, c, args.max_tokens, name)
+                    print(f"transformers serve c={c}: {r['tokens_per_second']:.1f} tok/s, errors {r['errors']}",
+                          flush=True)
+            finally:
+                proc.terminate()
+                proc.wait(60)
+        elif args.transformers:
+            log.seek(0)
+            report["transformers_serve"] = "did not start: " + log.read()[-1500:]
+    for c in levels:
+        ar, ss = runs["autoregressive", c], runs["self-speculative", c]
+        report["by_concurrency"][str(c)] = {
+            "autoregressive": {k: v for k, v in ar.items() if k != "texts"},
+            "self_speculative": {k: v for k, v in ss.items() if k != "texts"},
+            "speedup": ss["tokens_per_second"] / ar["tokens_per_second"],
+            "identical_outputs": ar["texts"] == ss["texts"] and None not in ar["texts"]}
+        tf = runs.get(("transformers", c))
+        if tf:
+            report["by_concurrency"][str(c)].update(
+                transformers_serve={k: v for k, v in tf.items() if k != "texts"},
+                ours_autoregressive_over_transformers=ar["tokens_per_second"] / tf["tokens_per_second"],
+                transformers_outputs_equal_ours=tf["texts"] == ar["texts"])
+    import json
+    print(json.dumps(report, indent=2))
+    if args.json:
+        write_json(args.json, report)
+
+
+if __name__ == "__main__":
+    main()
