@@ -31,9 +31,10 @@ from layerskip.files import write_json
 MODEL = "layerskip-default"
 
 
-def start(strategy: str, max_batch: int, threads: int, log):
+def start(strategy: str, max_batch: int, threads: int, log, extra=()):
     proc = subprocess.Popen([sys.executable, "-m", "layerskip", "serve", "--port", "0", "--strategy", strategy,
-                             "--max-batch-size", str(max_batch), "--threads", str(threads), "--max-queue", "256"],
+                             "--max-batch-size", str(max_batch), "--threads", str(threads), "--max-queue", "256",
+                             *extra],
                             stdout=subprocess.PIPE, stderr=log, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
     line, deadline = "", time.monotonic() + 180
     while "serving" not in line and time.monotonic() < deadline:
@@ -54,7 +55,7 @@ def start_transformers(port: int, log):
     from layerskip.models import default_model_dir
 
     path = str(default_model_dir())
-    proc = subprocess.Popen(["transformers", "serve", path, "--host", "127.0.0.1", "--port", str(port),
+    proc = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "transformers"), "serve", path, "--host", "127.0.0.1", "--port", str(port),
                              "--continuous-batching", "--device", "cpu", "--dtype", "float32"],
                             stdout=log, stderr=log, env=dict(os.environ, HF_HUB_OFFLINE="1"))
     deadline = time.monotonic() + 180
@@ -112,13 +113,15 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--max-batch-size", type=int, default=16)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--speculate-up-to", type=int, default=None,
+                   help="also serve self-speculative with --speculate-up-to B (rounds only while <= B requests run)")
     p.add_argument("--no-transformers", dest="transformers", action="store_false",
                    help="skip `transformers serve` (the peer)")
     p.add_argument("--port", type=int, default=18731, help="for `transformers serve` (it takes no port 0)")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
-    prompts = [s.prompt for s in load_task("humaneval", limit=args.requests)]
+    prompts = [s.prompt for s in load_task("humaneval", limit=args.requests).samples]
     report = {"machine": f"{platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, "
                          f"{args.threads} server threads, fp32",
               "setup": f"built-in model, {args.requests} HumanEval prompts per level, {args.max_tokens} new tokens, "
@@ -126,8 +129,13 @@ def main() -> None:
               "by_concurrency": {}}
     runs = {}
     with tempfile.TemporaryFile("w+") as log:
-        for strategy in ("autoregressive", "self-speculative"):
-            proc, url = start(strategy, args.max_batch_size, args.threads, log)
+        contenders = [("autoregressive", ()), ("self-speculative", ())]
+        if args.speculate_up_to:
+            contenders.append(("self-speculative", ("--speculate-up-to", str(args.speculate_up_to))))
+        for strategy, extra in contenders:
+            proc, url = start(strategy, args.max_batch_size, args.threads, log, extra)
+            if extra:
+                strategy = f"self-speculative-up-to-{args.speculate_up_to}"
             try:
                 one(url, "def f():", 8)  # warm-up
                 for c in levels:
@@ -160,6 +168,12 @@ def main() -> None:
             "self_speculative": {k: v for k, v in ss.items() if k != "texts"},
             "speedup": ss["tokens_per_second"] / ar["tokens_per_second"],
             "identical_outputs": ar["texts"] == ss["texts"] and None not in ar["texts"]}
+        up = runs.get((f"self-speculative-up-to-{args.speculate_up_to}", c))
+        if up:
+            report["by_concurrency"][str(c)].update(
+                self_speculative_up_to={k: v for k, v in up.items() if k != "texts"},
+                up_to_speedup=up["tokens_per_second"] / ar["tokens_per_second"],
+                up_to_identical_outputs=up["texts"] == ar["texts"])
         tf = runs.get(("transformers", c))
         if tf:
             report["by_concurrency"][str(c)].update(

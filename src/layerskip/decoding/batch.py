@@ -85,10 +85,18 @@ class Batch:
     Args:
         strategy, exit_layer, num_speculations, draft_vocab, confidence_threshold: what every row shares.
         on_tokens(row index, ids): called with what each row emits, as it emits it.
+        speculate_up_to: self-speculative only: run rounds while the batch has at most this many rows, and
+            autoregressive steps through every layer above it (None: always rounds). Lossless either way: both
+            leave every row with its accepted sequence in its cache row and one pending token. Where a verify
+            pass of B(k+1) rows is compute-bound, rounds stop paying past a few rows (docs/benchmarks.md).
+            A sampled row keeps the full model's distribution, but its random stream then depends on when it
+            took steps rather than rounds: a seed no longer reproduces its batch-1 output.
     """
 
     def __init__(self, stack: LayerStack, *, strategy: str, exit_layer: int | None, num_speculations: int | None,
-                 draft_vocab: torch.Tensor | None = None, confidence_threshold: float = 0.0, on_tokens=None):
+                 draft_vocab: torch.Tensor | None = None, confidence_threshold: float = 0.0, on_tokens=None,
+                 speculate_up_to: int | None = None):
+        self.speculate_up_to = speculate_up_to
         self.stack, self.strategy, self.exit_layer = stack, strategy, exit_layer
         self.num_speculations, self.draft_vocab = num_speculations, draft_vocab
         self.confidence_threshold, self.on_tokens = confidence_threshold or 0.0, on_tokens
@@ -130,11 +138,13 @@ class Batch:
     def step(self) -> list[Row]:
         """One step (autoregressive, early exit) or round (self-speculative) for every row; returns the rows that
         finished in it, which have left the batch."""
-        if self.strategy == "self_speculative":
+        rounds = self.speculate_up_to is None or len(self.rows) <= self.speculate_up_to
+        if self.strategy == "self_speculative" and rounds:
             _speculative_round(self.stack, self.cache, self.rows, self.exit_layer, self.num_speculations,
                                self.draft_vocab, self.confidence_threshold, self.on_tokens)
         else:
-            _step(self.stack, self.cache, self.rows, self.exit_layer or self.stack.num_layers, self.on_tokens)
+            layers = self.exit_layer if self.strategy == "early_exit" else self.stack.num_layers
+            _step(self.stack, self.cache, self.rows, layers, self.on_tokens)
         return self.leave(lambda r: r.done)
 
     def leave(self, gone) -> list[Row]:

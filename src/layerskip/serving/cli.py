@@ -29,6 +29,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--exit-layer", type=int, default=None, help="default E (default: the model's stored value)")
     p.add_argument("--num-speculations", type=int, default=None, help="default d (default: the model's stored value)")
     add_drafting_args(p)
+    p.add_argument("--speculate-up-to", type=int, default=None, metavar="B",
+                   help="self-speculative rounds while at most B requests run, autoregressive steps (lossless) "
+                        "above; default: always rounds (on a 2-core CPU they stop paying past about 1-2 rows, "
+                        "docs/benchmarks.md)")
     p.add_argument("--chat-template", default=None, metavar="FILE",
                    help="a Jinja chat template for /v1/chat/completions (default: the tokenizer's own)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every request")
@@ -39,7 +43,8 @@ def add_parser(subparsers) -> None:
 
 def _check(args) -> None:
     for flag, value, low in (("--max-batch-size", args.max_batch_size, 1), ("--max-queue", args.max_queue, 1),
-                             ("--max-tokens", args.max_tokens, 1), ("--port", args.port, 0)):
+                             ("--max-tokens", args.max_tokens, 1), ("--port", args.port, 0),
+                             ("--speculate-up-to", args.speculate_up_to or 1, 1)):
         if value < low:
             raise LayerSkipError(f"{flag} must be >= {low}, got {value}")
     if args.port > 65535:
@@ -97,7 +102,7 @@ def run_serve(args) -> int:
     resolved = defaults.resolve(model)  # the stored settings filled in, checked against the model (warns once)
     metrics = Metrics()
     scheduler = Scheduler(engine, tokenizer, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
-                          metrics=metrics)
+                          metrics=metrics, speculate_up_to=args.speculate_up_to)
     name = args.served_model_name or args.model or "layerskip-default"
     state = ServeState(engine, tokenizer, name, defaults, args.max_tokens, scheduler, metrics, args.api_key,
                        args.shutdown_timeout)

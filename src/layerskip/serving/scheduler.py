@@ -91,10 +91,13 @@ class Scheduler:
         max_batch_size: the most rows decoded together.
         max_queue: the most requests waiting to join; `submit` raises QueueFull past it.
         metrics: where counts and timings go (serving/metrics.py).
+        speculate_up_to: self-speculative batches run rounds while they hold at most this many rows, and
+            autoregressive steps above it (Batch; lossless); None: always rounds.
     """
 
-    def __init__(self, stack: LayerStack, tokenizer, *, max_batch_size: int, max_queue: int, metrics: Metrics):
-        self.stack, self.tokenizer = stack, tokenizer
+    def __init__(self, stack: LayerStack, tokenizer, *, max_batch_size: int, max_queue: int, metrics: Metrics,
+                 speculate_up_to: int | None = None):
+        self.stack, self.tokenizer, self.speculate_up_to = stack, tokenizer, speculate_up_to
         self.max_batch_size, self.max_queue, self.metrics = max_batch_size, max_queue, metrics
         self._waiting: collections.deque[Request] = collections.deque()
         self._wake = threading.Condition()
@@ -199,7 +202,7 @@ class Scheduler:
         stack = self.stack
         return Batch(stack, strategy=config.strategy, exit_layer=config.exit_layer,
                      num_speculations=config.num_speculations, draft_vocab=config.draft_vocab_tensor(stack.device),
-                     confidence_threshold=config.confidence_threshold or 0.0,
+                     confidence_threshold=config.confidence_threshold or 0.0, speculate_up_to=self.speculate_up_to,
                      on_tokens=lambda index, ids: self._emitted(requests[index], ids))
 
     def _row(self, request: Request) -> Row:
