@@ -182,15 +182,29 @@ def check_prompt(stack: LayerStack, ids: list[int], cfg: ResolvedConfig, what: s
         )
 
 
-def new_stats(stack: LayerStack, cfg: ResolvedConfig, num_prompt_tokens: int) -> GenerationStats:
+def _new_stats(stack: LayerStack, cfg: ResolvedConfig, num_prompt_tokens: int) -> GenerationStats:
     return GenerationStats(strategy=cfg.strategy, exit_layer=cfg.exit_layer, num_speculations=cfg.num_speculations,
                            confidence_threshold=cfg.confidence_threshold,
                            draft_vocab_size=None if cfg.draft_vocab is None else len(cfg.draft_vocab),
                            matmul_kernels=stack.kernels, num_prompt_tokens=num_prompt_tokens)
 
 
-def _text(tokenizer, stopper: StopChecker, tokens: list[int]) -> str | None:
+def final_text(tokenizer, stopper: StopChecker, tokens: list[int]) -> str | None:
+    """A result's `text`: the new tokens decoded, cut before the first stop string (None without a tokenizer)."""
     return None if tokenizer is None else stopper.trim(tokenizer.decode(tokens, skip_special_tokens=True))
+
+
+def _new_generator(stack: LayerStack, cfg: ResolvedConfig, seed_offset: int = 0) -> torch.Generator | None:
+    if cfg.sampling.do_sample and cfg.seed is not None:
+        return torch.Generator(device=stack.device).manual_seed(cfg.seed + seed_offset)
+    return None
+
+
+def new_row(stack: LayerStack, cfg: ResolvedConfig, index, ids: list[int], tokenizer=None, seed_offset: int = 0) -> Row:
+    """A batch row (decoding/batch.py) for prompt `ids` under `cfg`: its stop rules, stats, sampling parameters
+    and generator (seeded cfg.seed + seed_offset when sampling with a seed)."""
+    return Row(index, list(ids), StopChecker(cfg.max_new_tokens, cfg.eos_token_id, cfg.stop_strings, tokenizer),
+               _new_stats(stack, cfg, len(ids)), cfg.sampling, _new_generator(stack, cfg, seed_offset))
 
 
 def decode_many(stack: LayerStack, prompts: list[list[int]], cfg: ResolvedConfig, *, tokenizer=None,
@@ -200,13 +214,7 @@ def decode_many(stack: LayerStack, prompts: list[list[int]], cfg: ResolvedConfig
         raise LayerSkipError("the batch is empty: give at least one prompt")
     for b, ids in enumerate(prompts):
         check_prompt(stack, ids, cfg, f"prompt {b}")
-    rows = []
-    for b, ids in enumerate(prompts):
-        generator = None
-        if cfg.sampling.do_sample and cfg.seed is not None:
-            generator = torch.Generator(device=stack.device).manual_seed(cfg.seed + b)
-        rows.append(Row(b, list(ids), StopChecker(cfg.max_new_tokens, cfg.eos_token_id, cfg.stop_strings, tokenizer),
-                         new_stats(stack, cfg, len(ids)), cfg.sampling, generator))
+    rows = [new_row(stack, cfg, b, ids, tokenizer, seed_offset=b) for b, ids in enumerate(prompts)]
     t0 = time.perf_counter()
 
     def emitted(b: int, ids: list[int]) -> None:
@@ -224,7 +232,7 @@ def decode_many(stack: LayerStack, prompts: list[list[int]], cfg: ResolvedConfig
     results = []
     for r in rows:
         r.stats.total_s, r.stats.num_new_tokens = total, len(r.generated)  # the batch's time: rows share it
-        results.append(GenerationResult(r.generated, _text(tokenizer, r.stopper, r.generated), r.stats))
+        results.append(GenerationResult(r.generated, final_text(tokenizer, r.stopper, r.generated), r.stats))
     return results
 
 
@@ -240,10 +248,8 @@ def decode(stack: LayerStack, prompt: torch.Tensor, cfg: ResolvedConfig, *, toke
             f"{stack.max_positions} positions; shorten the prompt or lower max_new_tokens"
         )
     stopper = StopChecker(cfg.max_new_tokens, cfg.eos_token_id, cfg.stop_strings, tokenizer)
-    stats = new_stats(stack, cfg, T)
-    generator = None
-    if cfg.sampling.do_sample and cfg.seed is not None:
-        generator = torch.Generator(device=stack.device).manual_seed(cfg.seed)
+    stats = _new_stats(stack, cfg, T)
+    generator = _new_generator(stack, cfg)
     on_tokens, finish = _streaming_callback(streamer, prompt)
     t0 = time.perf_counter()
 
@@ -271,4 +277,4 @@ def decode(stack: LayerStack, prompt: torch.Tensor, cfg: ResolvedConfig, *, toke
     stats.total_s = time.perf_counter() - t0
     finish()
     stats.num_new_tokens = len(tokens)
-    return GenerationResult(token_ids=tokens, text=_text(tokenizer, stopper, tokens), stats=stats)
+    return GenerationResult(token_ids=tokens, text=final_text(tokenizer, stopper, tokens), stats=stats)

@@ -23,7 +23,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from sse_starlette import ServerSentEvent
 from starlette.exceptions import HTTPException
 
-from layerskip.decoding.api import check_prompt
+from layerskip.decoding.api import check_prompt, final_text
 from layerskip.decoding.config import DecodeConfig, normalize_strategy
 from layerskip.decoding.stopping import TextStream
 from layerskip.errors import LayerSkipError
@@ -147,15 +147,8 @@ def _completion_prompt(state: ServeState, body: CompletionRequest) -> list[int]:
                            param="prompt")
         p = p[0]
     if isinstance(p, str):
-        if not p:
-            raise APIError(400, "the prompt is empty", param="prompt")
-        return list(state.tokenizer(p).input_ids)
-    if not p:
-        raise APIError(400, "the prompt is empty", param="prompt")
-    if min(p) < 0 or max(p) >= state.stack.vocab_size:
-        raise APIError(400, f"the prompt holds token ids outside the vocabulary [0, {state.stack.vocab_size})",
-                       param="prompt")
-    return list(p)
+        return list(state.tokenizer(p).input_ids) if p else []
+    return list(p)  # token ids; an empty prompt or ids outside the vocabulary: check_prompt in _serve
 
 
 def _chat_prompt(state: ServeState, body: ChatRequest) -> list[int]:
@@ -251,8 +244,7 @@ async def _serve(state: ServeState, body, prompt: list[int], kind: str, http: HT
                 continue
             if kind_ == "done":
                 row = payload
-                final = row.stopper.trim(state.tokenizer.decode(row.generated, skip_special_tokens=True))
-                return responses.whole(final, finish_reason(row.stats.stop_reason),
+                return responses.whole(final_text(state.tokenizer, row.stopper, row.generated), finish_reason(row.stats.stop_reason),
                                        usage(len(prompt), len(row.generated)), layerskip_stats(row.stats))
             if kind_ == "error":
                 raise _failure(payload)
@@ -286,7 +278,7 @@ async def _events(state: ServeState, request: Request, responses: Responses, tex
                     yield _sse(json.dumps(responses.chunk(delta)))
             elif kind == "done":
                 row = payload
-                final = row.stopper.trim(state.tokenizer.decode(row.generated, skip_special_tokens=True))
+                final = final_text(state.tokenizer, row.stopper, row.generated)
                 yield _sse(json.dumps(responses.chunk(text.finish(final) or None, finish_reason(row.stats.stop_reason))))
                 if include_usage:
                     yield _sse(json.dumps(responses.usage_chunk(usage(len(request.prompt), len(row.generated)))))

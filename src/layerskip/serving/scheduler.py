@@ -31,10 +31,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from layerskip.decoding.api import attention_backends, new_stats
+from layerskip.decoding.api import attention_backends, new_row
 from layerskip.decoding.batch import Batch, Row
 from layerskip.decoding.config import ResolvedConfig
-from layerskip.decoding.stopping import StopChecker
 from layerskip.forward import LayerStack
 from layerskip.serving.metrics import Metrics
 
@@ -206,13 +205,7 @@ class Scheduler:
                      on_tokens=lambda index, ids: self._emitted(requests[index], ids))
 
     def _row(self, request: Request) -> Row:
-        c = request.config
-        generator = None
-        if c.sampling.do_sample and c.seed is not None:
-            generator = torch.Generator(device=self.stack.device).manual_seed(c.seed)
-        return Row(request.id, list(request.prompt),
-                   StopChecker(c.max_new_tokens, c.eos_token_id, c.stop_strings, self.tokenizer),
-                   new_stats(self.stack, c, len(request.prompt)), c.sampling, generator)
+        return new_row(self.stack, request.config, request.id, request.prompt, self.tokenizer)
 
     def _emitted(self, request: Request, ids: list[int]) -> None:
         if request.first_token_s is None:
