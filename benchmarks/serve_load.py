@@ -24,6 +24,7 @@ import tempfile
 import time
 
 import openai
+import torch
 
 from layerskip.evaluation.tasks import load_task
 from layerskip.files import write_json
@@ -31,10 +32,10 @@ from layerskip.files import write_json
 MODEL = "layerskip-default"
 
 
-def start(strategy: str, max_batch: int, threads: int, log, extra=()):
+def start(strategy: str, max_batch: int, threads: int | None, log, extra=()):
+    threads_flag = () if threads is None else ("--threads", str(threads))
     proc = subprocess.Popen([sys.executable, "-m", "layerskip", "serve", "--port", "0", "--strategy", strategy,
-                             "--max-batch-size", str(max_batch), "--threads", str(threads), "--max-queue", "256",
-                             *extra],
+                             "--max-batch-size", str(max_batch), *threads_flag, "--max-queue", "256", *extra],
                             stdout=subprocess.PIPE, stderr=log, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
     line, deadline = "", time.monotonic() + 180
     while "serving" not in line and time.monotonic() < deadline:
@@ -48,8 +49,9 @@ def start(strategy: str, max_batch: int, threads: int, log, extra=()):
     return proc, match.group(1) + "/v1"
 
 
-def start_transformers(port: int, log):
-    """`transformers serve` on the same model (continuous batching, CPU, fp32); None if it does not come up."""
+def start_transformers(port: int, log, threads: int | None = None):
+    """`transformers serve` on the same model (continuous batching, CPU, fp32), with `threads` torch threads
+    (OMP_NUM_THREADS; None: torch's choice); None if it does not come up."""
     import httpx
 
     from layerskip.models import default_model_dir
@@ -57,7 +59,8 @@ def start_transformers(port: int, log):
     path = str(default_model_dir())
     proc = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "transformers"), "serve", path, "--host", "127.0.0.1", "--port", str(port),
                              "--continuous-batching", "--device", "cpu", "--dtype", "float32"],
-                            stdout=log, stderr=log, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+                            stdout=log, stderr=log, env=dict(os.environ, HF_HUB_OFFLINE="1",
+                                                             **({} if threads is None else {"OMP_NUM_THREADS": str(threads)})))
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline and proc.poll() is None:
         try:
@@ -112,7 +115,8 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=16, help="requests per concurrency level (HumanEval prompts)")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--max-batch-size", type=int, default=16)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=None,
+                   help="our servers' --threads (default: theirs: one fewer than torch's choice on a CPU)")
     p.add_argument("--speculate-up-to", type=int, default=None,
                    help="also serve self-speculative with --speculate-up-to B (rounds only while <= B requests run)")
     p.add_argument("--no-transformers", dest="transformers", action="store_false",
@@ -121,9 +125,14 @@ def main() -> None:
     p.add_argument("--json", default=None)
     args = p.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
+    from layerskip.serving.cli import serve_threads
+
+    ours_threads = args.threads or serve_threads(None, "cpu")
+    tf_threads = [None] if ours_threads == torch.get_num_threads() else [None, ours_threads]  # its default, ours
     prompts = [s.prompt for s in load_task("humaneval", limit=args.requests).samples]
     report = {"machine": f"{platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, "
-                         f"{args.threads} server threads, fp32",
+                         f"server threads: {ours_threads} (ours), "
+                         f"{' and '.join(str(t or torch.get_num_threads()) for t in tf_threads)} (transformers serve), fp32",
               "setup": f"built-in model, {args.requests} HumanEval prompts per level, {args.max_tokens} new tokens, "
                        f"greedy, streaming, max batch {args.max_batch_size}",
               "by_concurrency": {}}
@@ -146,21 +155,22 @@ def main() -> None:
             finally:
                 proc.terminate()
                 proc.wait(60)
-        started = start_transformers(args.port, log) if args.transformers else None
-        if started:
-            proc, url, name = started
+        for threads in tf_threads if args.transformers else ():
+            name = "transformers" if threads is None else f"transformers-{threads}-threads"
+            started = start_transformers(args.port, log, threads)
+            if not started:
+                log.seek(0)
+                report["transformers_serve"] = "did not start: " + log.read()[-1500:]
+                break
+            proc, url, path = started
             try:
-                one(url, "def f():", 8, name)
+                one(url, "def f():", 8, path)
                 for c in levels:
-                    runs["transformers", c] = r = load(url, prompts, c, args.max_tokens, name)
-                    print(f"transformers serve c={c}: {r['tokens_per_second']:.1f} tok/s, errors {r['errors']}",
-                          flush=True)
+                    runs[name, c] = r = load(url, prompts, c, args.max_tokens, path)
+                    print(f"{name} serve c={c}: {r['tokens_per_second']:.1f} tok/s, errors {r['errors']}", flush=True)
             finally:
                 proc.terminate()
                 proc.wait(60)
-        elif args.transformers:
-            log.seek(0)
-            report["transformers_serve"] = "did not start: " + log.read()[-1500:]
     for c in levels:
         ar, ss = runs["autoregressive", c], runs["self-speculative", c]
         report["by_concurrency"][str(c)] = {
@@ -174,12 +184,16 @@ def main() -> None:
                 self_speculative_up_to={k: v for k, v in up.items() if k != "texts"},
                 up_to_speedup=up["tokens_per_second"] / ar["tokens_per_second"],
                 up_to_identical_outputs=up["texts"] == ar["texts"])
-        tf = runs.get(("transformers", c))
-        if tf:
-            report["by_concurrency"][str(c)].update(
-                transformers_serve={k: v for k, v in tf.items() if k != "texts"},
-                ours_autoregressive_over_transformers=ar["tokens_per_second"] / tf["tokens_per_second"],
-                transformers_outputs_equal_ours=tf["texts"] == ar["texts"])
+        peers = {name: runs[name, c] for name, level in runs if level == c and name.startswith("transformers")}
+        for name, tf in peers.items():
+            key = "transformers_serve" + name[len("transformers"):].replace("-", "_")
+            report["by_concurrency"][str(c)].update({
+                key: {k: v for k, v in tf.items() if k != "texts"},
+                f"ours_autoregressive_over_{key}": ar["tokens_per_second"] / tf["tokens_per_second"],
+                f"{key}_outputs_equal_ours": tf["texts"] == ar["texts"]})
+        if peers:  # the peer at its best thread count
+            best = max(r["tokens_per_second"] for r in peers.values())
+            report["by_concurrency"][str(c)]["ours_autoregressive_over_best_transformers"] = ar["tokens_per_second"] / best
     import json
     print(json.dumps(report, indent=2))
     if args.json:

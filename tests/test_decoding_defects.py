@@ -122,8 +122,8 @@ def test_every_kept_layer_position_is_computed_exactly_once(exit_layer, d, exact
                                                                                       num_kv_heads=2, seed=0)
     engine = layerskip.prepare(model)
     calls, run = [], engine.run
-    engine.run = lambda h, start, end, cache, pos: calls.append((start, end, pos, h.shape[1])) or \
-        run(h, start, end, cache, pos)
+    engine.run = lambda h, start, end, cache, pos, taps=None: calls.append((start, end, pos, h.shape[1])) or \
+        run(h, start, end, cache, pos, taps)
     out = layerskip.generate(engine, IDS, strategy="self_speculative", exit_layer=exit_layer, num_speculations=d,
                              max_new_tokens=25, eos_token_id=[])
     seq = IDS + out.token_ids[:-1]
@@ -141,8 +141,8 @@ def test_every_kept_layer_position_is_computed_exactly_once(exit_layer, d, exact
     assert all(count[(l, p)] == 1 for l in range(L) for p in range(len(IDS)))
     ar = layerskip.prepare(model)
     ar_calls, ar_run = [], ar.run
-    ar.run = lambda h, start, end, cache, pos: ar_calls.append((start, end, pos, h.shape[1])) or \
-        ar_run(h, start, end, cache, pos)
+    ar.run = lambda h, start, end, cache, pos, taps=None: ar_calls.append((start, end, pos, h.shape[1])) or \
+        ar_run(h, start, end, cache, pos, taps)
     assert layerskip.generate(ar, IDS, max_new_tokens=25, eos_token_id=[]).token_ids == out.token_ids
     assert sum((e - s) * T for s, e, _, T in ar_calls) == L * len(seq)  # autoregressive: once each
 

@@ -83,6 +83,7 @@ class LayerStack:
         self.packed = PackedWeights()
         self._cos = self._sin = None
         self._sub = None  # (vocab ids, head weight version, head rows, bias rows) of the last draft vocabulary
+        self.step_costs: dict = {}  # decoding/auto.py's measured pass costs, by draft vocabulary size
 
     @property
     def device(self) -> torch.device:
@@ -113,13 +114,15 @@ class LayerStack:
         return exit_logits(h, self.norm, weight, bias,
                            lambda x, w, b: matmul(x, w, b, kernel, self.packed))
 
-    def run(self, h: torch.Tensor, start: int, end: int, cache: KVCache, pos) -> torch.Tensor:
+    def run(self, h: torch.Tensor, start: int, end: int, cache: KVCache, pos, taps: dict | None = None) -> torch.Tensor:
         """Apply layers [start, end) to h (B, T, H) whose first token is at position `pos`.
 
         `pos` is an int (every row starts there: batch 1, or rows in lockstep) or a (B,) LongTensor of per-row
         start positions (batched decoding, where rows sit at different lengths: row b's tokens are at
         [pos[b], pos[b] + T), and its queries see its keys [0, own position] only).
         Writes K/V of these layers at those positions of `cache`; returns (B, T, H).
+        taps: {e: list} for exit layers e in (start, end): the hidden state after the first e layers is appended
+            to taps[e] (self-tuning measures other exits' drafts with them, decoding/auto.py).
         """
         B, T = h.shape[:2]
         g = route(self.kernels, B * T)
@@ -141,6 +144,8 @@ class LayerStack:
             layer = self.layers[i]
             h = h + self._attention(i, layer.self_attn, layer.input_layernorm(h), write, cos, sin, masks[window], g)
             h = h + self._mlp(layer.mlp, layer.post_attention_layernorm(h), g)
+            if taps and i + 1 in taps:
+                taps[i + 1].append(h)
         return h
 
     # ---- internals -----------------------------------------------------------------------

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from layerskip.decoding import auto
 from layerskip.decoding.result import GenerationStats
 from layerskip.decoding.sampling import SamplingParams, select
 from layerskip.decoding.self_speculative import Round, draft_token
@@ -84,6 +85,11 @@ class Batch:
 
     Args:
         strategy, exit_layer, num_speculations, draft_vocab, confidence_threshold: what every row shares.
+            exit_layer "auto": one AutoPlan (decoding/auto.py) chooses E and d for every round from all rows'
+            acceptance and the batch's size, or an autoregressive step where no round pays (num_speculations:
+            the longest draft, None: auto's cap).
+        max_rows: the most rows the batch will hold (auto times its pass costs up to that many; default: the
+            rows of its first step).
         on_tokens(row index, ids): called with what each row emits, as it emits it.
         speculate_up_to: self-speculative only: run rounds while the batch has at most this many rows, and
             autoregressive steps through every layer above it (None: always rounds). Lossless either way: both
@@ -93,12 +99,17 @@ class Batch:
             took steps rather than rounds: a seed no longer reproduces its batch-1 output.
     """
 
-    def __init__(self, stack: LayerStack, *, strategy: str, exit_layer: int | None, num_speculations: int | None,
-                 draft_vocab: torch.Tensor | None = None, confidence_threshold: float = 0.0, on_tokens=None,
-                 speculate_up_to: int | None = None):
+    def __init__(self, stack: LayerStack, *, strategy: str, exit_layer: int | str | None,
+                 num_speculations: int | None, draft_vocab: torch.Tensor | None = None,
+                 confidence_threshold: float = 0.0, on_tokens=None, speculate_up_to: int | None = None,
+                 max_rows: int | None = None):
         self.speculate_up_to = speculate_up_to
         self.stack, self.strategy, self.exit_layer = stack, strategy, exit_layer
         self.num_speculations, self.draft_vocab = num_speculations, draft_vocab
+        self.auto = strategy == "self_speculative" and exit_layer == auto.AUTO
+        if self.auto:  # one plan for the batch: E and d per round from every row's acceptance
+            self.num_speculations = num_speculations or auto.MAX_SPECULATIONS
+        self.max_rows, self.plan = max_rows, None
         self.confidence_threshold, self.on_tokens = confidence_threshold or 0.0, on_tokens
         self.rows: list[Row] = []
         self.cache = None
@@ -139,7 +150,22 @@ class Batch:
         """One step (autoregressive, early exit) or round (self-speculative) for every row; returns the rows that
         finished in it, which have left the batch."""
         rounds = self.speculate_up_to is None or len(self.rows) <= self.speculate_up_to
-        if self.strategy == "self_speculative" and rounds:
+        if self.auto and rounds:
+            if self.plan is None:
+                self.plan = auto.new_plan(self.stack, self.draft_vocab, start=auto.stored_exit_layer(self.stack),
+                                          max_speculations=self.num_speculations,
+                                          max_rows=max(self.max_rows or 0, len(self.rows)),
+                                          threshold=self.confidence_threshold)
+            E, k, probes = self.plan.choose(len(self.rows))
+            if k:
+                done, shadow = _speculative_round(self.stack, self.cache, self.rows, E, k, self.draft_vocab,
+                                                  self.confidence_threshold, self.on_tokens, probes)
+                for r in done:
+                    self.plan.observe_round(E, r)
+                self.plan.observe_shadow(shadow)
+            else:
+                _step(self.stack, self.cache, self.rows, self.stack.num_layers, self.on_tokens)
+        elif self.strategy == "self_speculative" and rounds:
             _speculative_round(self.stack, self.cache, self.rows, self.exit_layer, self.num_speculations,
                                self.draft_vocab, self.confidence_threshold, self.on_tokens)
         else:
@@ -206,13 +232,29 @@ def _greedy_drafts(logits: torch.Tensor, vocab: torch.Tensor | None, threshold: 
 
 
 def _speculative_round(stack: LayerStack, cache, rows: list[Row], E: int, d: int, vocab, threshold: float,
-                       on_tokens) -> None:
-    """One self-speculative round for every row (see the module docstring)."""
+                       on_tokens, probes=()) -> tuple[list[Round], dict[int, list]]:
+    """One self-speculative round for every row (see the module docstring). Returns every row's Round and, for
+    `probes` (other exit layers, decoding/auto.py), their shadow counts over every row's verified positions."""
     B, device = len(rows), stack.device
+    early = {e: [] for e in probes if e < E}  # taps of the passes through [0, E)
+    late = {e: [] for e in probes if e > E}  # taps of the verify pass through [E, L)
+    tapped = {e: [[] for _ in rows] for e in early}  # each row's hidden states at e < E, in order
+
+    def keep(fed_rows) -> None:  # move this pass's early taps into the rows that fed a real token
+        for e, t in early.items():
+            h_e = t.pop()
+            for b in fed_rows:
+                tapped[e][b].append(h_e[b])
+
     counts = [len(r.pending) for r in rows]  # n_b
     limits = [min(d, r.stopper.remaining(r.generated) - 1) for r in rows]  # k_b at most: room for the verifier
-    h = stack.run(stack.embed(_block([r.pending for r in rows], device)), 0, E, cache, _positions(rows, device))
+    h = stack.run(stack.embed(_block([r.pending for r in rows], device)), 0, E, cache, _positions(rows, device),
+                  early)
     exits = [[h[b, :counts[b]]] for b in range(B)]  # each row's exit hidden states, in order
+    for e, t in early.items():
+        h_e = t.pop()
+        for b in range(B):
+            tapped[e][b].append(h_e[b, :counts[b]])
     current = h[torch.arange(B), torch.tensor(counts) - 1]  # (B, H): where each row drafts from
     drafts, probs = [[] for _ in rows], [[] for _ in rows]
     fed = [0] * B  # drafts already through [0, E)
@@ -240,7 +282,9 @@ def _speculative_round(stack: LayerStack, cache, rows: list[Row], E: int, d: int
         if not any(f is not None for f in feed):
             break
         step_ids = torch.tensor([[PAD_ID if f is None else f] for f in feed], device=device)  # (B, 1)
-        h1 = stack.run(stack.embed(step_ids), 0, E, cache, _positions(rows, device, [n + f for n, f in zip(counts, fed)]))
+        h1 = stack.run(stack.embed(step_ids), 0, E, cache,
+                       _positions(rows, device, [n + f for n, f in zip(counts, fed)]), early)
+        keep([b for b in range(B) if feed[b] is not None])
         for b in range(B):
             if feed[b] is not None:
                 exits[b].append(h1[b])
@@ -252,22 +296,32 @@ def _speculative_round(stack: LayerStack, cache, rows: list[Row], E: int, d: int
     if unfed:
         last = [drafts[b][-1] if b in unfed else PAD_ID for b in range(B)]
         h1 = stack.run(stack.embed(torch.tensor(last, device=device)[:, None]), 0, E, cache,
-                       _positions(rows, device, [n + f for n, f in zip(counts, fed)]))
+                       _positions(rows, device, [n + f for n, f in zip(counts, fed)]), early)
+        keep(unfed)
         for b in unfed:
             exits[b].append(h1[b])
     seqs = [torch.cat(e, 0) for e in exits]  # row b: (n_b + k_b, H)
     width = max(s.shape[0] for s in seqs)
     block = torch.stack([torch.cat([s, s.new_zeros(width - s.shape[0], s.shape[1])]) for s in seqs])  # (B, W, H)
-    h = stack.run(block, E, stack.num_layers, cache, _positions(rows, device))  # (B, W, H)
+    h = stack.run(block, E, stack.num_layers, cache, _positions(rows, device), late)  # (B, W, H)
     wanted = torch.cat([h[b, counts[b] - 1:counts[b] + len(drafts[b])] for b in range(B)])  # (sum k_b + 1, H)
     logits = stack.logits(wanted).split([len(t) + 1 for t in drafts])  # row b: (k_b + 1, V)
+    rounds = []
     for b, r in enumerate(rows):
         tokens = torch.tensor(drafts[b], dtype=torch.long, device=device)
         q = torch.cat(probs[b], 0) if r.params.do_sample and drafts[b] else None
         a, nxt = accept_round(Draft(tokens, q, seqs[b][None], r.pos, counts[b]), logits[b], r.params, r.generator)
-        result = Round(len(drafts[b]), a, drafts[b][:a] + [nxt])
+        rounds.append(Round(len(drafts[b]), a, drafts[b][:a] + [nxt], len(drafts[b]) < limits[b]))
         before = len(r.generated)
         r.pos += counts[b] + a  # rollback: the row keeps x0 and its accepted drafts
         r.pending = [nxt]
-        _finish(r, result.tokens, on_tokens)
-        r.stats.add_round(result.drafted, min(a, len(r.generated) - before))
+        _finish(r, rounds[-1].tokens, on_tokens)
+        r.stats.add_round(len(drafts[b]), min(a, len(r.generated) - before), E, d)
+    if not probes:
+        return rounds, {}
+    # probes: each row's positions x0 .. d_a (context confirmed by the verifier), the verifier's argmax the target
+    spans = [(counts[b] - 1, counts[b] + rounds[b].accepted) for b in range(B)]
+    hidden = {e: torch.cat([torch.cat(tapped[e][b], 0)[lo:hi] for b, (lo, hi) in enumerate(spans)]) for e in early}
+    hidden.update({e: torch.cat([t[0][b, lo:hi] for b, (lo, hi) in enumerate(spans)]) for e, t in late.items()})
+    targets = torch.cat([logits[b][:rounds[b].accepted + 1].argmax(-1) for b in range(B)])
+    return rounds, auto.shadow_outcomes(stack, hidden, targets, [hi - lo for lo, hi in spans], vocab, threshold)

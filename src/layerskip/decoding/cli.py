@@ -12,18 +12,20 @@ from layerskip.errors import LayerSkipError
 DEMO_PROMPT = "import os\n\n\ndef read_lines(path):"
 
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
+def add_model_args(p: argparse.ArgumentParser, threads_help: str = "torch CPU threads (default: torch's choice)") -> None:
     p.add_argument("--model", default=None,
                    help="a local checkpoint directory, a hub id, 'smollm2-135m', or omit for the built-in default")
     p.add_argument("--dtype", default=None, help="float32 (CPU default), bfloat16, float16, auto")
     p.add_argument("--device", default=None, help="cpu (default), cuda, cuda:1, ...")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=None, help=threads_help)
 
 
 def add_decoding_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strategy", default="autoregressive",
                    help="autoregressive | early-exit | self-speculative (default: autoregressive)")
-    p.add_argument("--exit-layer", type=int, default=None, help="E: exit after the first E layers (1 <= E < L)")
+    p.add_argument("--exit-layer", type=exit_layer_arg, default=None,
+                   help="E: exit after the first E layers (1 <= E < L); self-speculative: 'auto' chooses E and d "
+                        "while decoding (the default where the model stores no E)")
     p.add_argument("--num-speculations", type=int, default=None, help="d: tokens drafted per round")
     add_drafting_args(p)
     p.add_argument("--max-new-tokens", type=int, default=128)
@@ -34,6 +36,16 @@ def add_decoding_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None, help="with --sample: a reproducible stream")
     p.add_argument("--stop", action="append", default=None, metavar="STRING", type=_unescape,
                    help="stop string (repeatable; \\n and \\t are read as newline and tab); the output is cut before it")
+
+
+def exit_layer_arg(text: str):
+    """--exit-layer: an integer, or 'auto' (self-speculative decoding chooses E and d as it goes)."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'auto', got {text!r}") from None
 
 
 def add_drafting_args(p: argparse.ArgumentParser) -> None:
@@ -108,7 +120,13 @@ def stats_line(stats) -> str:
     if stats.strategy == "self_speculative":
         rate = "-" if stats.acceptance_rate is None else f"{stats.acceptance_rate:.2f}"
         per_round = "-" if stats.tokens_per_round is None else f"{stats.tokens_per_round:.2f}"
-        parts.append(f"d={stats.num_speculations}, acceptance {rate}, {per_round} tokens/round")
+        if stats.exit_layer == "auto":
+            from layerskip.decoding.auto import summary
+
+            parts.append(f"chose {summary(stats.exit_layer_per_round, stats.speculations_per_round)}")
+            parts.append(f"acceptance {rate}, {per_round} tokens/round")
+        else:
+            parts.append(f"d={stats.num_speculations}, acceptance {rate}, {per_round} tokens/round")
         if stats.confidence_threshold:
             parts.append(f"confidence threshold {stats.confidence_threshold:g}")
         if stats.draft_vocab_size:

@@ -22,6 +22,7 @@ from layerskip.decoding.sampling import SamplingParams
 from layerskip.errors import LayerSkipError
 
 STRATEGIES = ("autoregressive", "early_exit", "self_speculative")
+AUTO = "auto"  # exit_layer="auto": self-speculation chooses E and d while it decodes (decoding/auto.py)
 DEFAULT_NUM_SPECULATIONS = 4
 
 
@@ -57,7 +58,9 @@ class DecodeConfig:
     """What to decode, as asked (None = the model's stored default, else the built-in one).
 
     Fields use the words of transformers and the paper's code: strategy ("autoregressive", "early_exit",
-    "self_speculative"; dashes accepted), exit_layer E (1 <= E < L), num_speculations d (>= 1),
+    "self_speculative"; dashes accepted), exit_layer E (1 <= E < L, or "auto": self-speculative decoding chooses
+    E and d while it decodes, num_speculations then the longest draft; the default where the model stores no E),
+    num_speculations d (>= 1),
     confidence_threshold C in [0, 1) (self-speculative adaptive draft length), draft_vocab (None: stored list or
     full; 0: full; N: the N most frequent stored ids; a tuple of ids), do_sample / temperature (> 0, finite) /
     top_k (>= 0, 0 = off) / top_p (in (0, 1]), seed, max_new_tokens (>= 0), stop_strings, eos_token_id
@@ -99,8 +102,12 @@ class DecodeConfig:
     def _check(self) -> None:
         if not _is_int(self.max_new_tokens) or self.max_new_tokens < 0:
             raise LayerSkipError(f"max_new_tokens must be an integer >= 0, got {self.max_new_tokens!r}")
-        if self.exit_layer is not None and (not _is_int(self.exit_layer) or self.exit_layer < 1):
-            raise LayerSkipError(f"exit_layer must be an integer >= 1, got {self.exit_layer!r}")
+        if self.exit_layer == AUTO:
+            if self.strategy == "early_exit":
+                raise LayerSkipError(f"exit_layer 'auto' is for self-speculative decoding (the verifier keeps it "
+                                     f"lossless); early exit needs a fixed exit layer")
+        elif self.exit_layer is not None and (not _is_int(self.exit_layer) or self.exit_layer < 1):
+            raise LayerSkipError(f"exit_layer must be an integer >= 1 or 'auto', got {self.exit_layer!r}")
         if self.num_speculations is not None and (not _is_int(self.num_speculations) or self.num_speculations < 1):
             raise LayerSkipError(f"num_speculations must be an integer >= 1, got {self.num_speculations!r}")
         c = self.confidence_threshold
@@ -152,12 +159,16 @@ class DecodeConfig:
         stored = model_defaults(model)
         exit_layer = num_speculations = threshold = vocab = None
         if self.strategy != "autoregressive":
-            exit_layer = self.exit_layer if self.exit_layer is not None else stored.get("exit_layer") or max(1, L // 2)
-            if not _is_int(exit_layer) or not 1 <= exit_layer < L:
+            exit_layer = self.exit_layer if self.exit_layer is not None else stored.get("exit_layer") or (
+                AUTO if self.strategy == "self_speculative" else max(1, L // 2))
+            if exit_layer != AUTO and (not _is_int(exit_layer) or not 1 <= exit_layer < L):
                 raise LayerSkipError(f"exit_layer must be an integer in [1, {L - 1}] for this {L}-layer model, "
                                      f"got {exit_layer!r}")
-        if self.strategy == "self_speculative":
+        if self.strategy == "self_speculative" and exit_layer == AUTO:
+            num_speculations = self.num_speculations  # the longest draft auto may choose; None: its own cap
+        elif self.strategy == "self_speculative":
             num_speculations = self.num_speculations or stored.get("num_speculations") or DEFAULT_NUM_SPECULATIONS
+        if self.strategy == "self_speculative":
             threshold = self.confidence_threshold
             if threshold is None:
                 threshold = stored.get("confidence_threshold") or 0.0
@@ -179,11 +190,12 @@ class DecodeConfig:
 
 @dataclass(frozen=True)
 class ResolvedConfig:
-    """Every setting concrete, for one model. exit_layer is None for autoregressive; num_speculations,
-    confidence_threshold None unless self-speculative; draft_vocab None = the full vocabulary."""
+    """Every setting concrete, for one model. exit_layer is None for autoregressive, "auto" where self-speculation
+    chooses it (num_speculations then its cap, None = auto's own); num_speculations, confidence_threshold None
+    unless self-speculative; draft_vocab None = the full vocabulary."""
 
     strategy: str
-    exit_layer: int | None
+    exit_layer: int | str | None
     num_speculations: int | None
     confidence_threshold: float | None
     draft_vocab: tuple[int, ...] | None

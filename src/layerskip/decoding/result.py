@@ -38,12 +38,18 @@ class GenerationStats:
     drafted: int = 0
     accepted: int = 0
     accepted_per_round: list[int] = field(default_factory=list)
+    exit_layer_per_round: list[int] = field(default_factory=list)  # self-speculative: E of every round
+    speculations_per_round: list[int] = field(default_factory=list)  # self-speculative: d of every round (0: a step)
 
-    def add_round(self, drafted: int, accepted: int) -> None:
+    def add_round(self, drafted: int, accepted: int, exit_layer: int | None = None,
+                  num_speculations: int | None = None) -> None:
         self.rounds += 1
         self.drafted += drafted
         self.accepted += accepted
         self.accepted_per_round.append(accepted)
+        if exit_layer is not None:
+            self.exit_layer_per_round.append(exit_layer)
+            self.speculations_per_round.append(num_speculations)
 
     @property
     def tokens_per_second(self) -> float:

@@ -29,10 +29,11 @@ The functions here are the hot path and keep no statistics; `decode_self_specula
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from layerskip.decoding import auto
 from layerskip.decoding.result import GenerationStats, Timer
 from layerskip.decoding.sampling import SamplingParams, greedy_accept, probabilities, speculative_accept
 from layerskip.decoding.stopping import StopChecker
@@ -65,11 +66,18 @@ class Draft:
 
 @dataclass
 class Round:
-    """One round's outcome: k drafted, a accepted by the verifier, `tokens` = drafts[:a] + [next token]."""
+    """One round's outcome: k drafted, a accepted by the verifier, `tokens` = drafts[:a] + [next token].
+
+    unsure: drafting stopped before its cap because a draft was below the confidence threshold.
+    shadow: on a probe round (decoding/auto.py), {other exit layer: [(accepted, confident) flags]}: at x0 and the
+    accepted drafts, whether its draft would have been confident and accepted, and confident.
+    """
 
     drafted: int
     accepted: int
     tokens: list[int]
+    unsure: bool = False
+    shadow: dict[int, list] = field(default_factory=dict)
 
 
 def confident(top_probability: float, threshold: float) -> bool:
@@ -79,15 +87,16 @@ def confident(top_probability: float, threshold: float) -> bool:
 
 def draft(stack: LayerStack, cache, pending: torch.Tensor, pos: int, exit_layer: int, k: int,
           params: SamplingParams, generator=None, *, vocab: torch.Tensor | None = None,
-          confidence_threshold: float = 0.0) -> Draft:
+          confidence_threshold: float = 0.0, taps: dict | None = None) -> Draft:
     """Feed `pending` (1, P) at `pos` and the drafted tokens through layers [0, E); draft up to k tokens.
 
     Args:
         vocab: the draft vocabulary (token ids), or None for the full one.
         confidence_threshold: stop drafting where the draft distribution's top probability is below it
             (adaptive draft length; greedy: the would-be draft's own probability). 0: always draft k.
+        taps: collects the hidden states of other exit layers below E (LayerStack.run).
     """
-    h = stack.run(stack.embed(pending), 0, exit_layer, cache, pos)  # (1, P, H)
+    h = stack.run(stack.embed(pending), 0, exit_layer, cache, pos, taps)  # (1, P, H)
     exits, tokens, probs = [h], [], []
     for i in range(k):
         token, q = draft_token(stack.logits(h[:, -1], vocab), params, generator, vocab, confidence_threshold,
@@ -97,7 +106,7 @@ def draft(stack: LayerStack, cache, pending: torch.Tensor, pos: int, exit_layer:
         tokens.append(token)
         probs.append(q)
         if i + 1 < k:
-            h = stack.run(stack.embed(token), 0, exit_layer, cache, pos + pending.shape[1] + i)  # (1, 1, H)
+            h = stack.run(stack.embed(token), 0, exit_layer, cache, pos + pending.shape[1] + i, taps)  # (1, 1, H)
             exits.append(h)
     drafts = torch.cat(tokens, 1)[0] if tokens else pending.new_empty(0)  # (k,)
     q = torch.cat(probs, 0) if params.do_sample and tokens else None  # (k, V)
@@ -127,17 +136,18 @@ def draft_token(logits: torch.Tensor, params: SamplingParams, generator, vocab, 
     return token, q
 
 
-def verify(stack: LayerStack, cache, d: Draft, exit_layer: int) -> torch.Tensor:
-    """Feed the drafts not yet through [0, E), then layers [E, L) on all exit hidden states.
+def verify(stack: LayerStack, cache, d: Draft, exit_layer: int, taps: dict | None = None) -> torch.Tensor:
+    """Feed the drafts not yet through [0, E), then layers [E, L) on all exit hidden states (`taps`: as in draft,
+    at any layer).
 
     Returns:
         logits (k + 1, V) of the full model at x0's last position and at d1..dk.
     """
     exits = d.exits
     if d.fed < d.k:  # the last draft has not been through [0, E) yet
-        last = stack.run(stack.embed(d.tokens[d.fed:][None]), 0, exit_layer, cache, d.pos + exits.shape[1])
+        last = stack.run(stack.embed(d.tokens[d.fed:][None]), 0, exit_layer, cache, d.pos + exits.shape[1], taps)
         exits = torch.cat([exits, last], 1)  # (1, P + k, H)
-    h = stack.run(exits, exit_layer, stack.num_layers, cache, d.pos)  # (1, P + k, H)
+    h = stack.run(exits, exit_layer, stack.num_layers, cache, d.pos, taps)  # (1, P + k, H)
     return stack.logits(h[0, -(d.k + 1):])  # (k + 1, V)
 
 
@@ -157,42 +167,59 @@ def rollback(cache, d: Draft, accepted: int) -> int:
 
 def run_round(stack: LayerStack, cache, pending: torch.Tensor, pos: int, k: int, *, exit_layer: int,
               params: SamplingParams, generator=None, vocab: torch.Tensor | None = None,
-              confidence_threshold: float = 0.0, timer: Timer | None = None) -> tuple[Round, int]:
+              confidence_threshold: float = 0.0, timer: Timer | None = None, probes=()) -> tuple[Round, int]:
     """draft -> verify -> accept -> rollback. Returns (the Round, the position of the next pending token).
 
+    probes: other exit layers whose drafts to measure on this round's verified positions (Round.shadow).
     The cache afterwards: every layer valid up to the returned position (x0 and the accepted drafts).
     """
+    taps = {e: [] for e in probes} if probes else None
     d = draft(stack, cache, pending, pos, exit_layer, k, params, generator, vocab=vocab,
-              confidence_threshold=confidence_threshold)
+              confidence_threshold=confidence_threshold, taps=taps)
     if timer:
         timer.lap("draft_s")
-    a, nxt = accept(d, verify(stack, cache, d, exit_layer), params, generator)
+    logits = verify(stack, cache, d, exit_layer, taps)
+    a, nxt = accept(d, logits, params, generator)
     if timer:
         timer.lap("verify_s")
-    return Round(d.k, a, d.tokens[:a].tolist() + [nxt]), rollback(cache, d, a)
+    shadow = {}
+    if taps:  # positions x0 .. d_a: the verifier confirmed their context; its argmax there is the target
+        first = d.num_pending - 1
+        hidden = {e: torch.cat(t, 1)[0, first:first + a + 1] for e, t in taps.items()}
+        shadow = auto.shadow_outcomes(stack, hidden, logits[:a + 1].argmax(-1), [a + 1], vocab,
+                                      confidence_threshold)
+    return Round(d.k, a, d.tokens[:a].tolist() + [nxt], d.k < k, shadow), rollback(cache, d, a)
 
 
-def decode_self_speculative(stack: LayerStack, prompt: torch.Tensor, *, exit_layer: int, num_speculations: int,
-                            params: SamplingParams, stopper: StopChecker, stats: GenerationStats,
-                            generator=None, on_tokens=None, cache=None, draft_vocab: torch.Tensor | None = None,
-                            confidence_threshold: float = 0.0, timer: Timer | None = None) -> list[int]:
+def decode_self_speculative(stack: LayerStack, prompt: torch.Tensor, *, exit_layer: int | str,
+                            num_speculations: int | None, params: SamplingParams, stopper: StopChecker,
+                            stats: GenerationStats, generator=None, on_tokens=None, cache=None,
+                            draft_vocab: torch.Tensor | None = None, confidence_threshold: float = 0.0,
+                            timer: Timer | None = None) -> list[int]:
     """Lossless self-speculative decoding of up to stopper.max_new_tokens tokens after prompt (1, T).
 
-    `cache` (optional, for inspection) must cover all L layers and T + max_new_tokens positions.
-    `draft_vocab` and `confidence_threshold`: see `draft`. `timer`: split draft / verify time (each lap
-    synchronises the device; None: no timing inside the loop).
+    exit_layer "auto": E and d chosen per round (decoding/auto.py), num_speculations then the longest draft
+    (None: auto's own cap). `cache` (optional, for inspection) must cover all L layers and T + max_new_tokens
+    positions. `draft_vocab` and `confidence_threshold`: see `draft`. `timer`: split draft / verify time (each
+    lap synchronises the device; None: no timing inside the loop).
     """
     T = prompt.shape[1]
     cache = cache or stack.new_cache(T + stopper.max_new_tokens)
+    plan = auto.new_plan(stack, draft_vocab, start=auto.stored_exit_layer(stack), max_speculations=num_speculations,
+                         max_rows=1, threshold=confidence_threshold) if exit_layer == auto.AUTO else None
+    E, d, probes = exit_layer, num_speculations, ()
     generated: list[int] = []
     pending, pos = prompt, 0
     while stopper.remaining(generated) > 0:
-        k = min(num_speculations, stopper.remaining(generated) - 1)  # room for the verifier's own token
-        r, pos = run_round(stack, cache, pending, pos, k, exit_layer=exit_layer, params=params,
-                           generator=generator, vocab=draft_vocab, confidence_threshold=confidence_threshold,
-                           timer=timer)
+        if plan:
+            E, d, probes = plan.choose(1)
+        k = min(d, stopper.remaining(generated) - 1)  # room for the verifier's own token
+        r, pos = run_round(stack, cache, pending, pos, k, exit_layer=E, params=params, generator=generator,
+                           vocab=draft_vocab, confidence_threshold=confidence_threshold, timer=timer, probes=probes)
+        if plan:
+            plan.observe_round(E, r)
         emit, reason = stopper.accept(generated, r.tokens)
-        stats.add_round(r.drafted, min(r.accepted, len(emit)))  # drafts cut by a stop never count as accepted
+        stats.add_round(r.drafted, min(r.accepted, len(emit)), E, d)  # drafts cut by a stop never count as accepted
         generated += emit
         if on_tokens:
             on_tokens(emit)

@@ -30,7 +30,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from layerskip.decoding.api import generate, prepare
-from layerskip.decoding.config import DecodeConfig, LayerSkipWarning, eos_ids, normalize_strategy
+from layerskip.decoding.auto import summary as auto_summary
+from layerskip.decoding.config import AUTO, DecodeConfig, LayerSkipWarning, eos_ids, normalize_strategy
 from layerskip.decoding.stopping import cut_at_stop, has_stop
 from layerskip.errors import LayerSkipError
 from layerskip.evaluation import cost_model
@@ -39,6 +40,7 @@ from layerskip.kernels import TUNE_ROWS
 from layerskip.runtime import clock
 
 OURS = ("autoregressive", "early_exit", "self_speculative")
+SELF_TUNING = "self_speculative_auto"  # self-speculative with exit_layer="auto", beside the fixed-E one
 TRANSFORMERS = ("transformers_greedy", "transformers_early_exit")
 
 
@@ -62,6 +64,7 @@ class StrategyResult:
     confidence_threshold: float | None = None  # self-speculative drafting options in effect
     draft_vocab_size: int | None = None
     per_sequence_tokens_per_second: float | None = None  # batch_size > 1: what one sequence sees, mean over rows
+    choices: str | None = None  # exit_layer "auto": the exit layers and draft lengths its rounds chose
 
 
 @dataclass
@@ -106,7 +109,7 @@ def parse_strategies(text: str | list[str]) -> list[str]:
         if not name:
             continue
         canon = name.replace("-", "_").lower()
-        canon = canon if canon in TRANSFORMERS else normalize_strategy(name)
+        canon = canon if canon in TRANSFORMERS + (SELF_TUNING,) else normalize_strategy(name)
         if canon not in out:
             out.append(canon)
     if not out:
@@ -126,8 +129,10 @@ def run_bench(model, tokenizer, task: Task, *, strategies=OURS, exit_layer: int 
     Args:
         model, tokenizer: a loaded supported model and its tokenizer (needed to encode the prompts).
         task: from `tasks.load_task`.
-        strategies: names from OURS (dashes accepted); autoregressive is always run, as the baseline.
-        exit_layer, num_speculations: E and d (defaults: the model's stored values, else L // 2 and 4).
+        strategies: names from OURS (dashes accepted), or SELF_TUNING ("self-speculative-auto": exit_layer
+            "auto", the same drafting options, d chosen up to its own cap); autoregressive is always run, as the
+            baseline.
+        exit_layer, num_speculations: E and d (defaults: the model's stored values, else "auto" / L // 2 and 4).
         confidence_threshold, draft_vocab: self-speculative drafting options (see `layerskip.generate`).
         max_new_tokens: per prompt.
         compare_transformers: also time transformers' greedy and assistant_early_exit generate().
@@ -154,6 +159,10 @@ def run_bench(model, tokenizer, task: Task, *, strategies=OURS, exit_layer: int 
                         confidence_threshold=confidence_threshold, draft_vocab=draft_vocab,
                         max_new_tokens=max_new_tokens, eos_token_id=tuple(eos) or None).resolve(model, warn=False)
     E, d = spec.exit_layer, spec.num_speculations
+    fixed = [s for s in strategies if s in ("early_exit", "transformers_early_exit")]
+    if E == AUTO and fixed:
+        raise LayerSkipError(f"exit layer 'auto' is for self-speculative decoding; {fixed[0].replace('_', '-')} "
+                             "needs a fixed --exit-layer (or leave it out of --strategies)")
     configs = {s: _strategy_config(s, spec) for s in strategies if s not in TRANSFORMERS}
     prompts = [encode_prompt(tokenizer, s, model, max_new_tokens) for s in task.samples]
     cut = sum(len(tokenizer(s.prompt).input_ids) > len(p) for s, p in zip(task.samples, prompts))
@@ -189,7 +198,7 @@ def run_bench(model, tokenizer, task: Task, *, strategies=OURS, exit_layer: int 
     bar.close()
 
     times = None
-    if predict and any(s in strategies for s in ("early_exit", "self_speculative")):
+    if predict and E != AUTO and any(s in strategies for s in ("early_exit", "self_speculative")):
         times = _measure_costs(engine, E, runs.get("self_speculative"), prompts, max_new_tokens, spec)
     results = [_summarize(s, runs[s], runs["autoregressive"], E, d, times) for s in strategies]
     if score:
@@ -258,6 +267,10 @@ def _bench_batched(engine, tokenizer, task: Task, prompts, configs: dict, batch_
 
 def _strategy_config(strategy: str, spec) -> DecodeConfig:
     """Our strategy's DecodeConfig from the resolved self-speculative settings (E shared by early exit)."""
+    if strategy == SELF_TUNING:
+        return DecodeConfig("self_speculative", exit_layer=AUTO, confidence_threshold=spec.confidence_threshold,
+                            draft_vocab=spec.draft_vocab if spec.draft_vocab is not None else 0,
+                            eos_token_id=spec.eos_token_id)
     if strategy == "self_speculative":
         return DecodeConfig(strategy, exit_layer=spec.exit_layer, num_speculations=spec.num_speculations,
                             confidence_threshold=spec.confidence_threshold,
@@ -378,14 +391,18 @@ def _summarize(strategy, runs: list[_Run], baseline: list[_Run], E, d, times) ->
         speedup=tps / base_tps if base_tps > 0 else None, acceptance_rate=None, match_rate=match,
         num_new_tokens=tokens, total_s=seconds,
     )
-    if strategy == "self_speculative":
+    if strategy == SELF_TUNING:
+        result.exit_layer, result.num_speculations = AUTO, None
+        result.choices = auto_summary(sum((r.stats.exit_layer_per_round for r in runs), []),
+                                      sum((r.stats.speculations_per_round for r in runs), []))
+    if strategy in ("self_speculative", SELF_TUNING):
         drafted = sum(r.stats.drafted for r in runs)
         rounds = sum(r.stats.rounds for r in runs)
         result.acceptance_rate = sum(r.stats.accepted for r in runs) / drafted if drafted else None
         result.tokens_per_round = tokens / rounds if rounds else None
         result.confidence_threshold = runs[0].stats.confidence_threshold
         result.draft_vocab_size = runs[0].stats.draft_vocab_size
-        if times is not None and rounds:
+        if times is not None and rounds and E != AUTO and strategy == "self_speculative":
             result.predicted_speedup = cost_model.predicted_speedup(times, tokens / rounds, drafted / rounds)
     elif strategy == "early_exit" and times is not None:
         result.predicted_speedup = cost_model.predicted_early_exit_speedup(times)
@@ -452,6 +469,9 @@ def format_table(report: BenchReport) -> str:
         title += f" · batch size {report.batch_size} (tok/s: total; per sequence: " + ", ".join(
             f"{r.strategy.replace('_', '-')} {r.per_sequence_tokens_per_second:.1f}" for r in report.results
             if r.per_sequence_tokens_per_second) + ")"
+    for r in report.results:
+        if r.choices:
+            lines.append(f"{r.strategy.replace('_', '-')} chose: {r.choices}")
     for r in report.results:
         if r.strategy != "self_speculative" or not (r.confidence_threshold or r.draft_vocab_size):
             continue

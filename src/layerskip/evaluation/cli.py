@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 
-from layerskip.decoding.cli import add_drafting_args
+from layerskip.decoding.cli import add_drafting_args, exit_layer_arg
 from layerskip.errors import LayerSkipError
 
 TASK_HELP = "humaneval, cnn_dm, xsum, topv2, or jsonl:PATH"
@@ -21,9 +21,12 @@ def add_parser(subparsers) -> None:
     _task_flags(bench, default_task="humaneval")
     bench.add_argument("--max-new-tokens", type=int, default=128, help="new tokens per prompt at most (default 128)")
     bench.add_argument("--strategies", default="autoregressive,early-exit,self-speculative",
-                       help="comma-separated; autoregressive (the baseline) is always run")
-    bench.add_argument("--exit-layer", type=int, help="E: layers used to draft / exit (default: stored with the "
-                                                      "model, else L/2)")
+                       help="comma-separated; autoregressive (the baseline) is always run; self-speculative-auto: "
+                            "exit layer 'auto' beside the fixed one")
+    bench.add_argument("--exit-layer", type=exit_layer_arg,
+                       help="E: layers used to draft / exit, or 'auto' (self-speculative chooses E and d while "
+                            "decoding; early exit then needs a fixed one) (default: stored with the model, else "
+                            "auto / L/2)")
     bench.add_argument("--num-speculations", type=int, help="d: drafts per round (default: stored with the "
                                                             "model, else 4)")
     add_drafting_args(bench)

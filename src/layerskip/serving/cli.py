@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import socket
 
-from layerskip.decoding.cli import add_drafting_args, add_model_args
+from layerskip.decoding.cli import add_drafting_args, add_model_args, exit_layer_arg
 from layerskip.errors import LayerSkipError
 
 
@@ -13,7 +13,8 @@ def add_parser(subparsers) -> None:
         "serve", help="an OpenAI-compatible server: streaming, continuous batching, self-speculative decoding",
         description="Serve a model over the OpenAI API (/v1/completions, /v1/chat/completions, /v1/models, "
                     "/health, /metrics). Requests join the running batch between rounds.")
-    add_model_args(p)
+    add_model_args(p, threads_help="torch CPU threads of the decoding thread (default on a CPU: one fewer than "
+                                   "torch's choice, leaving a core to the HTTP layer)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 = every interface)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 = any free port, printed when ready)")
     p.add_argument("--served-model-name", default=None,
@@ -26,7 +27,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--strategy", default="self-speculative",
                    help="default strategy: self-speculative (default) | autoregressive | early-exit; a request "
                         "may choose another with the extra body field \"strategy\"")
-    p.add_argument("--exit-layer", type=int, default=None, help="default E (default: the model's stored value)")
+    p.add_argument("--exit-layer", type=exit_layer_arg, default=None,
+                   help="default E, or 'auto': each batch chooses E and d per round for its size, autoregressive "
+                        "steps where no round pays (default: the model's stored value, else auto)")
     p.add_argument("--num-speculations", type=int, default=None, help="default d (default: the model's stored value)")
     add_drafting_args(p)
     p.add_argument("--speculate-up-to", type=int, default=None, metavar="B",
@@ -51,6 +54,21 @@ def _check(args) -> None:
         raise LayerSkipError(f"--port must be <= 65535, got {args.port}")
     if args.shutdown_timeout < 0:
         raise LayerSkipError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
+
+
+def serve_threads(threads: int | None, device: str | None) -> int | None:
+    """The decoding thread's torch CPU threads: as given, else on a CPU one fewer than torch's choice (at least 1).
+
+    The HTTP layer (event loop, JSON, SSE) runs beside the decoding thread. Where torch's OpenMP workers fill
+    every core, each wake-up of the event loop stalls a worker and with it every barrier of every matmul:
+    measured on a 2-core machine, 2 threads served 46-51 tok/s at concurrency 1 and 1 thread 84-95
+    (docs/benchmarks.md, "Serving under load").
+    """
+    import torch
+
+    if threads is not None or (device or "cpu").split(":")[0] != "cpu":
+        return threads
+    return max(1, torch.get_num_threads() - 1)
 
 
 def _read_template(path: str) -> str:
@@ -90,6 +108,7 @@ def run_serve(args) -> int:
     from layerskip.decoding.config import DecodeConfig
 
     _check(args)
+    args.threads = serve_threads(args.threads, args.device)
     defaults = DecodeConfig(strategy=args.strategy, exit_layer=args.exit_layer, num_speculations=args.num_speculations,
                             confidence_threshold=args.confidence_threshold, draft_vocab=args.draft_vocab)
     template = _read_template(args.chat_template) if args.chat_template else None
@@ -100,6 +119,11 @@ def run_serve(args) -> int:
     if template is not None:
         tokenizer.chat_template = template
     resolved = defaults.resolve(model)  # the stored settings filled in, checked against the model (warns once)
+    if resolved.exit_layer == "auto":  # time the pass costs now, not inside the first request
+        from layerskip.decoding import auto
+
+        auto.step_costs(engine, resolved.draft_vocab_tensor(engine.device),
+                        args.max_batch_size * ((resolved.num_speculations or auto.MAX_SPECULATIONS) + 1))
     metrics = Metrics()
     scheduler = Scheduler(engine, tokenizer, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
                           metrics=metrics, speculate_up_to=args.speculate_up_to)

@@ -37,7 +37,7 @@ class _Common(_Body):
     n: StrictInt = 1
     # LayerSkip's own (the openai client sends them with extra_body=...)
     strategy: StrictStr | None = None
-    exit_layer: StrictInt | None = None
+    exit_layer: StrictInt | Literal["auto"] | None = None
     num_speculations: StrictInt | None = None
     confidence_threshold: Number | None = None
 

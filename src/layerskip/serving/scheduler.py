@@ -202,6 +202,7 @@ class Scheduler:
         return Batch(stack, strategy=config.strategy, exit_layer=config.exit_layer,
                      num_speculations=config.num_speculations, draft_vocab=config.draft_vocab_tensor(stack.device),
                      confidence_threshold=config.confidence_threshold or 0.0, speculate_up_to=self.speculate_up_to,
+                     max_rows=self.max_batch_size,
                      on_tokens=lambda index, ids: self._emitted(requests[index], ids))
 
     def _row(self, request: Request) -> Row:

@@ -1,0 +1,330 @@
+"""Self-tuning self-speculation (`exit_layer="auto"`): the exit layer E and the draft length d chosen while decoding.
+
+Terminology as in self_speculative.py. Two things decide which (E, d) is fastest, and both are measured here:
+  costs       what a pass costs on this machine: one layer, the head (full, and over the draft vocabulary) and a
+              pass's fixed overhead, at each row count (`StepCosts`, timed once per engine and draft vocabulary
+              and kept on the engine). A round of k drafts for B rows at E costs
+                (k + 1) early passes of B rows through [0, E), k draft heads of B rows,
+                one late pass of B(k + 1) rows through [E, L) and the full head on B(k + 1) rows;
+              an autoregressive step one pass of B rows through [0, L) and the head.
+  acceptance  how often a draft from each candidate layer would be accepted (`AutoPlan.alpha`). The current E's
+              comes from its own rounds. Every few rounds a round is a probe ("shadow tokens", DEL, COLM 2025):
+              the hidden states the round computes anyway at other candidate layers (below E while drafting,
+              above E while verifying) go through the (draft) head, and their argmax at each position whose
+              context the verifier confirmed (x0 and the accepted drafts) is compared with the verifier's own.
+              Estimates are exponentially weighted over the last ~50 observed tokens, so they follow the text.
+With per-token acceptance alpha, a round of k drafts emits n = (1 - alpha^(k+1)) / (1 - alpha) tokens per row on
+average (Leviathan et al. 2023); `AutoPlan.choose` takes the (E, k) of the most tokens per second, or an
+autoregressive step where no round beats it (a batch of many rows on a CPU, or acceptance that has collapsed),
+and switches E only for a clear gain. Lossless whatever it chooses: the verifier alone decides what is emitted,
+every layer's cache is valid up to the accepted length after every round, so E may change between rounds, and
+sampling stays distribution-exact (each choice depends only on what earlier rounds verified).
+"""
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass, field
+
+import torch
+
+from layerskip.decoding.config import AUTO, model_defaults
+from layerskip.forward import LayerStack
+from layerskip.runtime import clock
+
+MAX_SPECULATIONS = 12  # the longest draft auto chooses when no num_speculations caps it
+PROBE_EVERY = 4  # a probe round every this many rounds, after the first WARMUP_ROUNDS (all probes)
+WARMUP_ROUNDS = 3
+DECAY = 0.98  # per observed token: estimates weigh the last ~1 / (1 - DECAY) tokens
+SWITCH_GAIN = 1.03  # change E only when another E's best round is predicted this much faster
+_COST_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+def candidate_layers(num_layers: int, most: int = 12) -> tuple[int, ...]:
+    """The exit layers auto considers: every E in [1, L) for small models, else `most` spread over [1, L)."""
+    if num_layers - 1 <= most:
+        return tuple(range(1, num_layers))
+    return tuple(sorted({round(1 + i * (num_layers - 2) / (most - 1)) for i in range(most)}))
+
+
+def expected_tokens(alpha: float, k: int) -> float:
+    """Mean tokens a round of k drafts emits per row at i.i.d. per-token acceptance alpha."""
+    return k + 1.0 if alpha >= 1 else (1 - alpha ** (k + 1)) / (1 - alpha)
+
+
+@dataclass
+class StepCosts:
+    """Seconds per pass piece at each row count in `rows` (medians): one decoder layer, the full head, the draft
+    head, and a pass's fixed overhead (embedding, masks, Python). Linear between measured row counts."""
+
+    rows: tuple[int, ...]
+    layer: tuple[float, ...]
+    head: tuple[float, ...]
+    draft_head: tuple[float, ...]
+    fixed: float
+
+    def _at(self, table: tuple[float, ...], r: float) -> float:
+        rows = self.rows
+        if r <= rows[0]:
+            return table[0]
+        for i in range(1, len(rows)):
+            if r <= rows[i] or i == len(rows) - 1:
+                lo, hi = rows[i - 1], rows[i]
+                return table[i - 1] + (r - lo) * (table[i] - table[i - 1]) / (hi - lo)
+        return table[-1]
+
+    def at_layer(self, r: float) -> float:
+        return self._at(self.layer, r)
+
+    def at_head(self, r: float) -> float:
+        return self._at(self.head, r)
+
+    def at_draft_head(self, r: float) -> float:
+        return self._at(self.draft_head, r)
+
+    def autoregressive(self, num_layers: int, B: int) -> float:
+        return self.fixed + num_layers * self.at_layer(B) + self.at_head(B)
+
+
+def measure_step_costs(stack: LayerStack, vocab: torch.Tensor | None, max_rows: int, *, context: int = 64,
+                       repeats: int = 5) -> StepCosts:
+    """Time one layer, the heads and a pass's overhead at every row count of _COST_ROWS up to max_rows (at least
+    the next one above it), each piece in turn within a repetition, over a cache of `context` positions."""
+    L, H = stack.num_layers, stack.model.config.hidden_size
+    rows = tuple(r for r in _COST_ROWS if r < max_rows) + (next((r for r in _COST_ROWS if r >= max_rows), max_rows),)
+    gen = torch.Generator().manual_seed(0)
+    cache = stack.new_cache(context + rows[-1])
+    h0 = torch.randn(1, context, H, generator=gen).to(stack.device, stack.dtype)
+    layer, head, draft_head, fixed = [], [], [], []
+    with torch.inference_mode():
+        stack.run(h0, 0, L, cache, 0)
+        for r in rows:
+            h = torch.randn(1, r, H, generator=gen).to(stack.device, stack.dtype)
+            pieces = {"one": lambda: stack.run(h, 0, 1, cache, context),
+                      "all": lambda: stack.run(h, 0, L, cache, context),
+                      "head": lambda: stack.logits(h[0]).argmax(-1),
+                      "draft": lambda: stack.logits(h[0], vocab).argmax(-1)}
+            times = {name: [] for name in pieces}
+            for i in range(repeats + 1):
+                for name, fn in pieces.items():
+                    t0 = clock(stack.device)
+                    fn()
+                    if i:
+                        times[name].append(clock(stack.device) - t0)
+            t = {name: statistics.median(v) for name, v in times.items()}
+            per_layer = max(t["all"] - t["one"], 0.0) / (L - 1)
+            layer.append(per_layer)
+            fixed.append(max(t["one"] - per_layer, 0.0))
+            head.append(t["head"])
+            draft_head.append(t["draft"])
+    return StepCosts(rows, tuple(layer), tuple(head), tuple(draft_head), statistics.median(fixed))
+
+
+def step_costs(stack: LayerStack, vocab: torch.Tensor | None, max_rows: int) -> StepCosts:
+    """The engine's measured costs for this draft vocabulary, covering max_rows (timed on first use, then kept
+    in `stack.step_costs`, like the engine's tuned kernels)."""
+    key = None if vocab is None else int(vocab.numel())
+    costs = stack.step_costs.get(key)
+    if costs is None or costs.rows[-1] < max_rows:
+        costs = stack.step_costs[key] = measure_step_costs(stack, vocab, max_rows)
+    return costs
+
+
+class RunStats:
+    """Survival statistics of runs in boolean sequences, by depth: at depth j (1-based), how often a run that has
+    lasted j - 1 steps lasts one more (the hazard's complement), exponentially weighted (DECAY per observation).
+
+    Drafts are not i.i.d.: in easy text an exit agrees for long stretches, in hard text it fails at once, so the
+    chance that draft j is accepted given that drafts 1 .. j - 1 were rises with j. Counting by depth keeps that.
+    """
+
+    def __init__(self, depth: int):
+        self.success = [0.0] * depth
+        self.trials = [0.0] * depth
+
+    def add(self, seq, starts: bool = False) -> None:
+        """One sequence of outcomes; runs start at its first element (a round), or at every element (a probe's
+        confirmed positions: a round could have started at any of them). The end of `seq` censors runs."""
+        seq = list(seq)
+        if not seq:
+            return
+        keep = DECAY ** len(seq)
+        self.success = [x * keep for x in self.success]
+        self.trials = [x * keep for x in self.trials]
+        D = len(self.trials)
+        for i in range(len(seq) if starts else 1):
+            for j, ok in enumerate(seq[i:i + D]):
+                self.trials[j] += 1
+                if not ok:
+                    break
+                self.success[j] += 1
+
+    def rates(self) -> list[float]:
+        """P(run goes on at depth j | it reached j), j = 1..depth, each shrunk towards the pooled rate (itself
+        towards 1/2) by one pseudo-observation, so an unseen depth takes the pooled rate."""
+        pooled = (sum(self.success) + 0.5) / (sum(self.trials) + 1)
+        return [(s + pooled) / (t + 1) for s, t in zip(self.success, self.trials)]
+
+
+@dataclass
+class AutoPlan:
+    """The (E, d) choice of one generation (or one batch): estimates, costs, and the round counter.
+
+    Per candidate layer, two RunStats over positions whose context the verifier confirmed: `accepted` (the draft
+    is confident and equals the verifier's token) and `confident` (the draft clears the confidence threshold: a
+    row drafts while its drafts do, accepted or not; always true with threshold 0). A round of cap k then emits
+    1 + sum_j prod_{i<=j} a_i tokens per row and drafts at least j deep with probability prod_{i<=j} c_i.
+
+    Args:
+        costs: StepCosts covering the row counts the decode will run.
+        num_layers: L.
+        candidates: the exit layers it may choose (candidate_layers).
+        max_speculations: the longest draft it may choose.
+        start: the exit layer of the first rounds (the model's stored E, else the middle candidate).
+        threshold: the confidence threshold drafting uses (0: off).
+    """
+
+    costs: StepCosts
+    num_layers: int
+    candidates: tuple[int, ...]
+    max_speculations: int
+    start: int
+    threshold: float = 0.0
+    accepted: dict[int, RunStats] = field(default_factory=dict)
+    confident: dict[int, RunStats] = field(default_factory=dict)
+    rounds: int = 0
+    exit_layer: int = 0
+
+    def __post_init__(self):
+        self.exit_layer = min(self.candidates, key=lambda e: abs(e - self.start))
+        for e in self.candidates:
+            self.accepted[e] = RunStats(self.max_speculations)
+            self.confident[e] = RunStats(self.max_speculations)
+
+    def alpha(self, E: int) -> float:
+        """The pooled estimate that a draft from layer E is accepted, over every depth (for reports)."""
+        a = self.accepted[E]
+        return (sum(a.success) + 0.5) / (sum(a.trials) + 1)
+
+    def observe_round(self, E: int, r) -> None:
+        """A round at E (self_speculative.Round): its a accepted drafts, then a failure (a rejected draft, or an
+        unsure stop) unless drafting reached its cap with every draft accepted; its drafts' confidence (an
+        unsure stop ends them); and its probes' shadow outcomes."""
+        self.accepted[E].add([True] * r.accepted + [False] * (r.accepted < r.drafted or r.unsure))
+        if self.threshold > 0:
+            self.confident[E].add([True] * r.drafted + [False] * bool(r.unsure))
+        self.observe_shadow(r.shadow)
+
+    def observe_shadow(self, shadow: dict[int, list[tuple[list[bool], list[bool]]]]) -> None:
+        """A probe's outcomes: {exit layer: [(accepted flags, confident flags) per row's confirmed positions]}."""
+        for e, seqs in shadow.items():
+            for accepted, confident in seqs:
+                self.accepted[e].add(accepted, starts=True)
+                if self.threshold > 0:
+                    self.confident[e].add(confident, starts=True)
+
+    def _probes(self, r: int) -> tuple[int, ...]:
+        """The other candidate layers round r measures (empty: not a probe round): all of them in the first
+        rounds, then every PROBE_EVERY rounds the current E's neighbours and one more in turn."""
+        others = [e for e in self.candidates if e != self.exit_layer]
+        if r < WARMUP_ROUNDS:
+            return tuple(others)
+        if r % PROBE_EVERY or not others:
+            return ()
+        i = self.candidates.index(self.exit_layer)
+        near = {self.candidates[j] for j in (i - 1, i + 1) if 0 <= j < len(self.candidates)}
+        near.add(others[(r // PROBE_EVERY) % len(others)])
+        return tuple(sorted(near))
+
+    def best_round(self, E: int, B: int) -> tuple[float, int]:
+        """(predicted tokens per second, k) of the best round at exit layer E for B rows: every row's expected
+        tokens over the cost of the passes the deepest-drafting row makes (a pass serves every row, padded to
+        the widest)."""
+        c, L = self.costs, self.num_layers
+        a = self.accepted[E].rates()
+        u = self.confident[E].rates() if self.threshold > 0 else [1.0] * self.max_speculations
+        early = c.fixed + E * c.at_layer(B)
+        head = c.at_draft_head(B)
+        best, tokens, reach, deepest, survive, drafting = (0.0, 0), 1.0, 1.0, 0.0, 1.0, 1.0
+        for k in range(1, self.max_speculations + 1):
+            survive *= a[k - 1]
+            tokens += survive  # expected tokens per row of a round of cap k
+            reach *= u[k - 1]  # P(a row drafts >= k)
+            deepest += 1 - (1 - reach) ** B  # E[max over B rows of drafts]
+            unsure = 1 - reach ** B  # P(some row ends its drafting on an unsure head)
+            late = c.fixed + (L - E) * c.at_layer(B * (1 + deepest)) + c.at_head(B * (1 + deepest))
+            cost = (1 + deepest) * early + min(k, deepest + unsure) * head + late
+            best = max(best, (B * tokens / cost, k))
+        return best
+
+    def choose(self, B: int) -> tuple[int, int, tuple[int, ...]]:
+        """(E, k, probe layers) for the next round of B rows. k = 0: an autoregressive step is predicted faster
+        than any round; a probe round is a round whatever the prediction, so the estimates stay fresh."""
+        r = self.rounds
+        self.rounds += 1
+        current = self.best_round(self.exit_layer, B)
+        if r >= WARMUP_ROUNDS:  # no switching on no evidence
+            best_E, best = max(((E, self.best_round(E, B)) for E in self.candidates), key=lambda c: c[1][0])
+            if best[0] > current[0] * SWITCH_GAIN:
+                self.exit_layer, current = best_E, best
+        probes = self._probes(r)
+        if not probes and B / self.costs.autoregressive(self.num_layers, B) > current[0]:
+            return self.exit_layer, 0, ()
+        return self.exit_layer, current[1], probes
+
+
+def stored_exit_layer(stack: LayerStack) -> int | None:
+    """The exit layer stored with the model (where auto starts), if any."""
+    e = model_defaults(stack.model).get("exit_layer")
+    return e if isinstance(e, int) and 1 <= e < stack.num_layers else None
+
+
+def new_plan(stack: LayerStack, vocab: torch.Tensor | None, *, start: int | None, max_speculations: int | None,
+             max_rows: int, threshold: float = 0.0) -> AutoPlan:
+    """An AutoPlan for this engine: costs timed (or reused), every candidate layer, starting at `start`
+    (None: the middle of the candidates), choosing drafts of at most `max_speculations` (None: 12), drafting
+    with confidence threshold `threshold`."""
+    candidates = candidate_layers(stack.num_layers)
+    d = max_speculations or MAX_SPECULATIONS
+    costs = step_costs(stack, vocab, max_rows * (d + 1))
+    return AutoPlan(costs, stack.num_layers, candidates, d,
+                    start if start is not None else candidates[len(candidates) // 2], threshold or 0.0)
+
+
+def shadow_outcomes(stack: LayerStack, hidden: dict[int, torch.Tensor], targets: torch.Tensor, spans: list[int],
+                    vocab: torch.Tensor | None, threshold: float) -> dict[int, list[tuple[list[bool], list[bool]]]]:
+    """{layer: [(accepted, confident) flags per row]} for hidden states {layer: (n, H)} at n confirmed positions
+    (rows' spans of `spans` positions each, in order) whose verifier tokens are `targets` (n,): whether that
+    exit's (draft-head) greedy draft would be confident (`threshold`, as drafting decides it) and, confident,
+    equal to the verifier's token. One head call for every layer."""
+    if not hidden:
+        return {}
+    layers = list(hidden)
+    logits = stack.logits(torch.cat([hidden[e] for e in layers]), vocab)  # (len(layers) * n, V')
+    top = logits.argmax(-1)
+    if vocab is not None:
+        top = vocab[top]
+    hit = top.view(len(layers), -1) == targets[None]  # (layers, n)
+    sure = torch.ones_like(hit) if threshold <= 0 else (
+        torch.softmax(logits.float(), -1).max(-1).values >= threshold).view(len(layers), -1)
+    accepted, confident = (hit & sure).tolist(), sure.tolist()
+    out = {}
+    for i, e in enumerate(layers):
+        seqs, at = [], 0
+        for n in spans:
+            seqs.append((accepted[i][at:at + n], confident[i][at:at + n]))
+            at += n
+        out[e] = seqs
+    return out
+
+
+def summary(exit_layers: list[int], drafts: list[int]) -> str:
+    """'E 3 (81%), 4 (19%); d 6.2 on average' for the rounds' chosen exit layers and draft lengths."""
+    if not exit_layers:
+        return "no rounds"
+    counts: dict[int, int] = {}
+    for e in exit_layers:
+        counts[e] = counts.get(e, 0) + 1
+    top = sorted(counts.items(), key=lambda kv: -kv[1])[:3]
+    parts = ", ".join(f"{e} ({100 * n / len(exit_layers):.0f}%)" for e, n in top)
+    mean = sum(drafts) / len(drafts) if drafts else math.nan
+    return f"E {parts}; d {mean:.1f} on average"
