@@ -2,6 +2,7 @@
 after >= 1 acceptances and the bonus token after k drafts must leave the full model's distribution intact."""
 import itertools
 
+import pytest
 import torch
 
 import layerskip
@@ -22,20 +23,22 @@ def exact_sequence_distribution(model) -> dict[tuple, float]:
     return dict(zip(seqs, picked.prod(1).tolist()))
 
 
-def test_sampled_sequences_follow_the_full_model():
+@pytest.mark.parametrize("exit_layer", [1, "auto"])  # auto: E and d chosen per round from what rounds verified
+def test_sampled_sequences_follow_the_full_model(exit_layer):
     model = make_random_model("llama", num_layers=3, hidden_size=32, num_heads=2, vocab_size=V, seed=11)
     exact = exact_sequence_distribution(model)
     engine = layerskip.prepare(model)
     rows, batches = 200, 100  # N = 20000 sequences, decoded as batches of 200 rows (row b: seed + b)
     counts, accepted, full_rounds = {}, 0, 0
     for i in range(batches):
-        out = layerskip.generate(engine, [PROMPT] * rows, strategy="self_speculative", exit_layer=1,
+        out = layerskip.generate(engine, [PROMPT] * rows, strategy="self_speculative", exit_layer=exit_layer,
                                  num_speculations=3, max_new_tokens=N_NEW, do_sample=True, temperature=2.0,
                                  eos_token_id=[], seed=i * rows)
         for r in out:
             counts[tuple(r.token_ids)] = counts.get(tuple(r.token_ids), 0) + 1
             accepted += sum(a >= 1 for a in r.stats.accepted_per_round)
-            full_rounds += r.stats.accepted_per_round[0] == 3  # all k = 3 drafts accepted: a bonus token
+            k = min(r.stats.speculations_per_round[0], N_NEW - 1)  # the first round's drafts
+            full_rounds += k > 0 and r.stats.accepted_per_round[0] == k  # all k accepted: a bonus token
     n = rows * batches
     assert accepted > 1000 and full_rounds > 100  # the residual and bonus paths were really taken
     # Each position's marginal (6 outcomes): sampling noise in TV ~ sqrt(6 / (2 pi N)) ~ 0.007 at N = 20000,

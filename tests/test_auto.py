@@ -1,0 +1,142 @@
+"""exit_layer="auto" (decoding/auto.py): lossless on every architecture, batch 1 and batched; it finds the exit an
+exact-draft model agrees at, keeps off exits that disagree, and switching E between rounds leaves a valid cache."""
+import pytest
+import torch
+
+import layerskip
+from layerskip.decoding import auto
+from layerskip.decoding.autoregressive import decode_autoregressive
+from layerskip.decoding.result import GenerationStats
+from layerskip.decoding.sampling import SamplingParams
+from layerskip.decoding.self_speculative import run_round
+from layerskip.decoding.stopping import StopChecker
+from layerskip.testing import make_random_model
+
+IDS = [5, 17, 42, 9, 88, 3, 61, 23]
+
+
+def exact_model(exit_layer: int, num_layers: int = 8, seed: int = 0):
+    """Layers >= exit_layer are the identity on the residual stream: every exit at or above it is the model. The
+    layer below them writes a large output, so exits below exit_layer (which lack it) disagree with the model,
+    also where its greedy output loops (there a random model's exits tend to agree)."""
+    model = make_random_model("llama", num_layers=num_layers, num_kv_heads=2, seed=seed)
+    with torch.no_grad():
+        for layer in model.model.layers[exit_layer:]:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        model.model.layers[exit_layer - 1].mlp.down_proj.weight.mul_(30)
+    return model
+
+
+def prompts(n=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 256, (int(length),), generator=g).tolist() for length in torch.randint(3, 12, (n,))]
+
+
+@pytest.mark.parametrize("name", ["llama", "llama-tied", "mistral", "qwen2", "qwen3"])
+@pytest.mark.parametrize("options", [{}, dict(confidence_threshold=0.05, draft_vocab=list(range(0, 256, 2)))])
+def test_auto_equals_autoregressive_on_every_architecture(tiny_models, name, options):
+    engine = layerskip.prepare(tiny_models[name])
+    for ids in prompts(3, seed=1):
+        ar = layerskip.generate(engine, ids, max_new_tokens=40, eos_token_id=[]).token_ids
+        out = layerskip.generate(engine, ids, strategy="self_speculative", exit_layer="auto", max_new_tokens=40,
+                                 eos_token_id=[], **options)
+        assert out.token_ids == ar
+        s = out.stats
+        assert len(s.exit_layer_per_round) == s.rounds == len(s.speculations_per_round)
+        assert all(1 <= e < engine.num_layers for e in s.exit_layer_per_round)
+
+
+@pytest.mark.parametrize("name", ["llama", "mistral", "qwen3"])
+def test_auto_batch_rows_equal_their_autoregressive_output(tiny_models, name):
+    engine = layerskip.prepare(tiny_models[name])
+    batch = prompts(5, seed=2)
+    ar = [layerskip.generate(engine, p, max_new_tokens=30, eos_token_id=[]).token_ids for p in batch]
+    out = layerskip.generate(engine, batch, strategy="self_speculative", exit_layer="auto", max_new_tokens=30,
+                             eos_token_id=[])
+    assert [o.token_ids for o in out] == ar
+
+
+def settled(stats, skip=auto.WARMUP_ROUNDS):
+    """The rounds after warm-up that drafted, but the last (cut by max_new_tokens): (E, d, accepted)."""
+    rounds = list(zip(stats.exit_layer_per_round, stats.speculations_per_round, stats.accepted_per_round))
+    return [r for r in rounds[skip:-1] if r[1]]
+
+
+def test_auto_settles_at_the_exit_an_exact_draft_model_agrees_at():
+    engine = layerskip.prepare(exact_model(3))
+    out = layerskip.generate(engine, IDS, strategy="self_speculative", exit_layer="auto", max_new_tokens=120,
+                             eos_token_id=[])
+    assert out.token_ids == layerskip.generate(engine, IDS, max_new_tokens=120, eos_token_id=[]).token_ids
+    rounds = settled(out.stats)
+    assert rounds, "no speculative rounds after warm-up"
+    assert all(e <= 3 for e, _, _ in rounds)  # never a dearer exit than the cheapest one that agrees
+    assert sum(e == 3 for e, _, _ in rounds) >= 0.8 * len(rounds)
+    at_e0 = [(d, a) for e, d, a in rounds if e == 3]
+    assert all(a == d for d, a in at_e0)  # every draft accepted there
+
+
+def test_auto_keeps_off_early_exits_when_only_late_ones_agree():
+    engine = layerskip.prepare(exact_model(6))
+    out = layerskip.generate(engine, IDS, strategy="self_speculative", exit_layer="auto", max_new_tokens=120,
+                             eos_token_id=[])
+    assert out.token_ids == layerskip.generate(engine, IDS, max_new_tokens=120, eos_token_id=[]).token_ids
+    s = out.stats
+    assert all(e >= 6 for e, _, _ in settled(out.stats))
+
+
+def test_switching_exit_layers_between_rounds_keeps_the_cache_valid(tiny_llama):
+    """Rounds at E = 1, 3, 2, 1, ... with probes on one cache: every layer's K/V equals the autoregressive run's."""
+    engine = layerskip.prepare(tiny_llama)
+    n = 30
+    ar_cache = engine.new_cache(len(IDS) + n)
+    with torch.inference_mode():
+        ar = decode_autoregressive(engine, torch.tensor([IDS]), num_layers=4, params=SamplingParams(),
+                                   stopper=StopChecker(n), stats=GenerationStats("autoregressive"), cache=ar_cache)
+        cache = engine.new_cache(len(IDS) + n)
+        pending, pos, out, i = torch.tensor([IDS]), 0, [], 0
+        while len(out) < n - 1:
+            E = (1, 3, 2)[i % 3]
+            k = min(3, n - 1 - len(out) - 1)
+            r, pos = run_round(engine, cache, pending, pos, k, exit_layer=E, params=SamplingParams(),
+                               probes=tuple(e for e in (1, 2, 3) if e != E))
+            assert set(r.shadow) == {1, 2, 3} - {E}
+            out += r.tokens
+            pending, i = torch.tensor([[r.tokens[-1]]]), i + 1
+    assert out[:n - 1] == ar[:n - 1]
+    valid = pos  # every layer holds the accepted sequence [0, pos)
+    for layer in range(4):
+        assert torch.allclose(cache.keys[layer][..., :valid, :], ar_cache.keys[layer][..., :valid, :], atol=1e-5)
+        assert torch.allclose(cache.values[layer][..., :valid, :], ar_cache.values[layer][..., :valid, :], atol=1e-5)
+
+
+def test_shadow_outcomes_match_the_exits_own_drafts(tiny_llama):
+    """A probe's flags are the exit's own greedy drafts compared with the verifier: checked against logits."""
+    engine = layerskip.prepare(tiny_llama)
+    h = torch.randn(5, 64)
+    with torch.no_grad():
+        logits = engine.logits(h)
+    targets = logits.argmax(-1)
+    targets[1] = (targets[1] + 1) % 256
+    out = auto.shadow_outcomes(engine, {2: h}, targets, [3, 2], None, 0.0)
+    assert out == {2: [([True, False, True], [True] * 3), ([True, True], [True] * 2)]}
+    sure = torch.softmax(logits, -1).max(-1).values
+    threshold = float(sure.median())
+    (flags, confident), _ = auto.shadow_outcomes(engine, {2: h}, targets, [3, 2], None, threshold)[2]
+    assert confident == (sure[:3] >= threshold).tolist()
+    assert all(not a or c for a, c in zip(flags, confident))  # unsure drafts are never accepted
+
+
+def test_run_stats_count_runs_by_depth():
+    s = auto.RunStats(4)
+    s.add([True, True, False])  # one round: accepted at depths 1, 2; rejected at 3
+    assert [round(x, 6) for x in s.trials] == [1, 1, 1, 0] and [round(x, 6) for x in s.success] == [1, 1, 0, 0]
+    s = auto.RunStats(2)
+    s.add([True, False, True], starts=True)  # runs from each position: TF, F, T (censored)
+    assert s.trials == [3, 1] and s.success == [2, 0]
+    assert 0 < s.rates()[1] < s.rates()[0] < 1
+
+
+def test_exit_layer_auto_is_rejected_for_early_exit():
+    with pytest.raises(layerskip.LayerSkipError, match="early exit needs a fixed exit layer"):
+        layerskip.DecodeConfig("early_exit", exit_layer="auto")
