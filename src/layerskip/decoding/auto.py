@@ -35,7 +35,7 @@ MAX_SPECULATIONS = 12  # the longest draft auto chooses when no num_speculations
 PROBE_EVERY = 4  # a probe round every this many rounds, after the first WARMUP_ROUNDS (all probes)
 WARMUP_ROUNDS = 3
 DECAY = 0.98  # per observed token: estimates weigh the last ~1 / (1 - DECAY) tokens
-SWITCH_GAIN = 1.03  # change E only when another E's best round is predicted this much faster
+SWITCH_GAIN = 1.10  # change E only when another E's best round is predicted this much faster
 _COST_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
@@ -189,16 +189,19 @@ class AutoPlan:
     max_speculations: int
     start: int
     threshold: float = 0.0
-    accepted: dict[int, RunStats] = field(default_factory=dict)
+    accepted: dict[int, RunStats] = field(default_factory=dict)  # from each layer's own rounds
     confident: dict[int, RunStats] = field(default_factory=dict)
+    shadow_accepted: dict[int, RunStats] = field(default_factory=dict)  # from probes
+    shadow_confident: dict[int, RunStats] = field(default_factory=dict)
     rounds: int = 0
     exit_layer: int = 0
+    _others: tuple | None = field(default=None, repr=False)  # (B, (E, (tokens/s, k))): the best other layer
 
     def __post_init__(self):
         self.exit_layer = min(self.candidates, key=lambda e: abs(e - self.start))
         for e in self.candidates:
-            self.accepted[e] = RunStats(self.max_speculations)
-            self.confident[e] = RunStats(self.max_speculations)
+            for table in (self.accepted, self.confident, self.shadow_accepted, self.shadow_confident):
+                table[e] = RunStats(self.max_speculations)
 
     def alpha(self, E: int) -> float:
         """The pooled estimate that a draft from layer E is accepted, over every depth (for reports)."""
@@ -218,20 +221,30 @@ class AutoPlan:
         """A probe's outcomes: {exit layer: [(accepted flags, confident flags) per row's confirmed positions]}."""
         for e, seqs in shadow.items():
             for accepted, confident in seqs:
-                self.accepted[e].add(accepted, starts=True)
+                self.shadow_accepted[e].add(accepted, starts=True)
                 if self.threshold > 0:
-                    self.confident[e].add(confident, starts=True)
+                    self.shadow_confident[e].add(confident, starts=True)
+
+    def _rates(self, E: int, real: dict, shadow: dict) -> list[float]:
+        """Depth-wise rates for layer E: the current layer's from its own rounds; another's from its shadow
+        outcomes, calibrated by how the current layer's shadow outcomes compare with its real ones (probed
+        positions are those the current layer's drafts got right: easy ones, which flatter every shadow)."""
+        if E == self.exit_layer:
+            return real[E].rates()
+        here, ref, theirs = real[self.exit_layer].rates(), shadow[self.exit_layer].rates(), shadow[E].rates()
+        return [min(0.999, t * min(2.0, max(0.5, h / f))) for t, h, f in zip(theirs, here, ref)]
 
     def _probes(self, r: int) -> tuple[int, ...]:
-        """The other candidate layers round r measures (empty: not a probe round): all of them in the first
-        rounds, then every PROBE_EVERY rounds the current E's neighbours and one more in turn."""
+        """The layers round r measures (empty: not a probe round), the current E always among them (it calibrates
+        the others): every candidate in the first rounds, then every PROBE_EVERY rounds the current E's
+        neighbours and one more in turn."""
         others = [e for e in self.candidates if e != self.exit_layer]
         if r < WARMUP_ROUNDS:
-            return tuple(others)
+            return self.candidates
         if r % PROBE_EVERY or not others:
             return ()
         i = self.candidates.index(self.exit_layer)
-        near = {self.candidates[j] for j in (i - 1, i + 1) if 0 <= j < len(self.candidates)}
+        near = {self.candidates[j] for j in (i - 1, i, i + 1) if 0 <= j < len(self.candidates)}
         near.add(others[(r // PROBE_EVERY) % len(others)])
         return tuple(sorted(near))
 
@@ -240,8 +253,8 @@ class AutoPlan:
         tokens over the cost of the passes the deepest-drafting row makes (a pass serves every row, padded to
         the widest)."""
         c, L = self.costs, self.num_layers
-        a = self.accepted[E].rates()
-        u = self.confident[E].rates() if self.threshold > 0 else [1.0] * self.max_speculations
+        a = self._rates(E, self.accepted, self.shadow_accepted)
+        u = self._rates(E, self.confident, self.shadow_confident) if self.threshold > 0 else [1.0] * len(a)
         early = c.fixed + E * c.at_layer(B)
         head = c.at_draft_head(B)
         best, tokens, reach, deepest, survive, drafting = (0.0, 0), 1.0, 1.0, 0.0, 1.0, 1.0
@@ -258,15 +271,22 @@ class AutoPlan:
 
     def choose(self, B: int) -> tuple[int, int, tuple[int, ...]]:
         """(E, k, probe layers) for the next round of B rows. k = 0: an autoregressive step is predicted faster
-        than any round; a probe round is a round whatever the prediction, so the estimates stay fresh."""
+        than any round; a probe round is a round whatever the prediction, so the estimates stay fresh. The other
+        layers' estimates change only on probe rounds: their best is recomputed only then (or for another B)."""
         r = self.rounds
         self.rounds += 1
         current = self.best_round(self.exit_layer, B)
         if r >= WARMUP_ROUNDS:  # no switching on no evidence
-            best_E, best = max(((E, self.best_round(E, B)) for E in self.candidates), key=lambda c: c[1][0])
-            if best[0] > current[0] * SWITCH_GAIN:
-                self.exit_layer, current = best_E, best
+            if self._others is None or self._others[0] != B:
+                self._others = (B, max(((E, self.best_round(E, B)) for E in self.candidates if E != self.exit_layer),
+                                       key=lambda c: c[1][0], default=None))
+            best = self._others[1]
+            if best is not None and best[1][0] > current[0] * SWITCH_GAIN:
+                self.exit_layer, current = best
+                self._others = None
         probes = self._probes(r)
+        if probes:
+            self._others = None  # their estimates are about to change
         if not probes and B / self.costs.autoregressive(self.num_layers, B) > current[0]:
             return self.exit_layer, 0, ()
         return self.exit_layer, current[1], probes

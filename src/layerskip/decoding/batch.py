@@ -236,7 +236,7 @@ def _speculative_round(stack: LayerStack, cache, rows: list[Row], E: int, d: int
     """One self-speculative round for every row (see the module docstring). Returns every row's Round and, for
     `probes` (other exit layers, decoding/auto.py), their shadow counts over every row's verified positions."""
     B, device = len(rows), stack.device
-    early = {e: [] for e in probes if e < E}  # taps of the passes through [0, E)
+    early = {e: [] for e in probes if e <= E}  # taps of the passes through [0, E) (E: their output)
     late = {e: [] for e in probes if e > E}  # taps of the verify pass through [E, L)
     tapped = {e: [[] for _ in rows] for e in early}  # each row's hidden states at e < E, in order
 

@@ -1,0 +1,170 @@
+"""exit_layer="auto" against the best static (E, d, C) cell and the model's stored settings, side by side in one run.
+
+For one model and one prompt set: (1) a full replay sweep (`layerskip sweep --replay`'s replay_grid: exact
+acceptance of every (E, d, C) cell from one autoregressive decode per prompt, costed with step times measured
+here) ranks every cell; (2) autoregressive, the stored settings, the `--top` best replayed cells and `auto` are
+timed on the same prompts, interleaved per prompt (the order rotating), after a warm-up of each. Reported:
+tokens/s, speedup over autoregressive, auto over the best timed static cell and over the stored settings, and
+whether every output equals autoregressive decoding. Prompt sets: `heldout` (functions from held-out standard
+library modules, the shape the built-in model's settings were tuned on; the first --skip prompts, the tuning set,
+are left out) or `humaneval`. `--synthetic`: the 16x768 Llama whose layers >= 4 are the identity (the exact-draft
+model of synthetic_speed.py), where the best cell is known to be E = 4 with a long draft.
+
+    python benchmarks/auto_speed.py [--model M] --prompts heldout|humaneval [--limit 16] [--json FILE]
+    python benchmarks/auto_speed.py --synthetic [--json FILE]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+
+import torch
+
+import layerskip
+from layerskip.decoding.auto import candidate_layers, summary
+from layerskip.decoding.config import model_defaults
+from layerskip.evaluation.bench import encode_prompt
+from layerskip.evaluation.tasks import load_task
+from layerskip.files import write_json
+
+
+def heldout_task(skip: int, limit: int, shape: str = "def"):
+    """Completion prompts from held-out stdlib modules (as scripts/build_default_model.py makes them: round-robin
+    over files, up to 4 per file), without the first `skip`."""
+    from layerskip.corpus import read_texts, stdlib_files
+    from layerskip.training.selfgen import context_prompts
+
+    per_file = [[p for p, _ in context_prompts(t, shape=shape)[:4]] for t in read_texts(stdlib_files("heldout"))]
+    rows = [rows[i] for i in range(4) for rows in per_file if i < len(rows)][skip:skip + limit]
+    path = os.path.join(tempfile.mkdtemp(), "heldout.jsonl")
+    with open(path, "w") as f:
+        for p in rows:
+            f.write(json.dumps({"prompt": p}) + "\n")
+    return load_task(f"jsonl:{path}")
+
+
+def timed(engine, prompts, configs: dict, tokenizer, stops) -> dict:
+    for cfg in configs.values():  # warm-up: kernels, auto's cost table
+        layerskip.generate(engine, prompts[0], tokenizer=tokenizer, **{**cfg, "max_new_tokens": 16})
+    runs = {name: [] for name in configs}
+    names = list(configs)
+    for i, ids in enumerate(prompts):
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            runs[name].append(layerskip.generate(engine, ids, tokenizer=tokenizer, stop_strings=stops[i],
+                                                 **configs[name]))
+    out = {}
+    for name, rs in runs.items():
+        tokens, seconds = sum(r.stats.num_new_tokens for r in rs), sum(r.stats.total_s for r in rs)
+        drafted = sum(r.stats.drafted for r in rs)
+        out[name] = {"config": {k: v for k, v in configs[name].items() if k != "max_new_tokens"},
+                     "tokens_per_second": tokens / seconds, "tokens": tokens,
+                     "acceptance_rate": sum(r.stats.accepted for r in rs) / drafted if drafted else None,
+                     "identical_to_autoregressive": [r.token_ids for r in rs] == [r.token_ids for r in runs["autoregressive"]]}
+        if configs[name].get("exit_layer") == "auto":
+            out[name]["choices"] = summary(sum((r.stats.exit_layer_per_round for r in rs), []),
+                                           sum((r.stats.speculations_per_round for r in rs), []))
+    base = out["autoregressive"]["tokens_per_second"]
+    for r in out.values():
+        r["speedup"] = r["tokens_per_second"] / base
+    return out
+
+
+def real_model(args) -> dict:
+    model, tokenizer = layerskip.load(args.model)
+    engine = layerskip.prepare(model, tune=True)
+    task = heldout_task(args.skip, args.limit) if args.prompts == "heldout" else load_task("humaneval", limit=args.limit)
+    from layerskip.evaluation.replay import replay_grid
+
+    L = engine.num_layers
+    grid = replay_grid(engine, tokenizer, task, candidate_layers(L), args.speculations, args.thresholds,
+                       max_new_tokens=args.max_new_tokens)
+    grid.sort(key=lambda r: -r["predicted_speedup"])
+    n = args.max_new_tokens
+    configs = {"autoregressive": dict(max_new_tokens=n)}
+    stored = model_defaults(model)
+    if stored.get("exit_layer"):
+        configs["stored"] = dict(strategy="self_speculative", max_new_tokens=n)
+    for r in grid[:args.top]:
+        name = f"E{r['exit_layer']}_d{r['num_speculations']}_C{r['confidence_threshold']:g}"
+        configs[name] = dict(strategy="self_speculative", exit_layer=r["exit_layer"],
+                             num_speculations=r["num_speculations"], confidence_threshold=r["confidence_threshold"],
+                             max_new_tokens=n)
+    configs["auto"] = dict(strategy="self_speculative", exit_layer="auto", max_new_tokens=n)
+    if args.auto_threshold is not None:
+        configs["auto"]["confidence_threshold"] = args.auto_threshold
+    prompts = [encode_prompt(tokenizer, s, model, n) for s in task.samples]
+    stops = [tuple(s.stop_strings) for s in task.samples]
+    results = timed(engine, prompts, configs, tokenizer, stops)
+    static = {k: v for k, v in results.items() if k not in ("autoregressive", "auto")}
+    best = max(static, key=lambda k: static[k]["tokens_per_second"])
+    return {"model": args.model or "built-in", "prompts": f"{args.prompts}: {len(prompts)} prompts"
+            + (f" (held-out prompts {args.skip}..{args.skip + len(prompts) - 1}; 0..{args.skip - 1} tuned the "
+               "stored settings)" if args.prompts == "heldout" else ""),
+            "replay_top": grid[:args.top * 2], "results": results, "best_static": best,
+            "auto_over_best_static": results["auto"]["tokens_per_second"] / static[best]["tokens_per_second"],
+            "auto_over_stored": (results["auto"]["tokens_per_second"] / results["stored"]["tokens_per_second"]
+                                 if "stored" in results else None)}
+
+
+def synthetic(args) -> dict:
+    from layerskip.testing import make_random_model
+
+    model = make_random_model("llama", num_layers=16, hidden_size=768, intermediate_size=2048, num_heads=12,
+                              vocab_size=32000, max_position_embeddings=2048, seed=0)
+    with torch.no_grad():
+        for layer in model.model.layers[4:]:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+    engine = layerskip.prepare(model, tune=True)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 32000, (64,), generator=g).tolist() for _ in range(args.limit)]
+    n = args.max_new_tokens
+    configs = {"autoregressive": dict(max_new_tokens=n, eos_token_id=[])}
+    for d in (4, 8, 12):
+        configs[f"E4_d{d}"] = dict(strategy="self_speculative", exit_layer=4, num_speculations=d, max_new_tokens=n,
+                                   eos_token_id=[])
+    configs["auto"] = dict(strategy="self_speculative", exit_layer="auto", max_new_tokens=n, eos_token_id=[])
+    results = timed(engine, prompts, configs, None, [()] * len(prompts))
+    static = {k: v for k, v in results.items() if k.startswith("E4")}
+    best = max(static, key=lambda k: static[k]["tokens_per_second"])
+    return {"model": "synthetic 16x768 Llama, exact draft at E = 4 (layers >= 4 identity)",
+            "prompts": f"{len(prompts)} random 64-token prompts", "results": results, "best_static": best,
+            "auto_over_best_static": results["auto"]["tokens_per_second"] / static[best]["tokens_per_second"]}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=None, help="a --model spec (default: the built-in model)")
+    p.add_argument("--prompts", choices=("heldout", "humaneval"), default="heldout")
+    p.add_argument("--synthetic", action="store_true", help="the exact-draft synthetic model instead")
+    p.add_argument("--skip", type=int, default=24, help="held-out prompts left out (the stored settings' tuning set)")
+    p.add_argument("--limit", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--speculations", type=lambda t: [int(x) for x in t.split(",")], default=[2, 3, 4, 6, 8, 10, 12])
+    p.add_argument("--thresholds", type=lambda t: [float(x) for x in t.split(",")], default=[0.0, 0.3, 0.5, 0.7])
+    p.add_argument("--auto-threshold", type=float, default=None,
+                   help="fix auto's confidence threshold (default: auto chooses it)")
+    p.add_argument("--top", type=int, default=3, help="replayed cells to time")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    report = synthetic(args) if args.synthetic else real_model(args)
+    report["machine"] = (f"{platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, "
+                         f"{args.threads} threads, fp32")
+    report["max_new_tokens"] = args.max_new_tokens
+    for name, r in report["results"].items():
+        print(f"{name:22s} {r['tokens_per_second']:7.1f} tok/s  {r['speedup']:.2f}x  acc "
+              f"{r['acceptance_rate'] if r['acceptance_rate'] is None else round(r['acceptance_rate'], 2)}  "
+              f"identical {r['identical_to_autoregressive']}  {r.get('choices', '')}")
+    print(f"auto / best static ({report['best_static']}): {report['auto_over_best_static']:.3f}"
+          + (f"; auto / stored: {report['auto_over_stored']:.3f}" if report.get("auto_over_stored") else ""))
+    if args.json:
+        write_json(args.json, report)
+
+
+if __name__ == "__main__":
+    main()
