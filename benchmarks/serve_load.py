@@ -119,6 +119,8 @@ def main() -> None:
                    help="our servers' --threads (default: theirs: one fewer than torch's choice on a CPU)")
     p.add_argument("--speculate-up-to", type=int, default=None,
                    help="also serve self-speculative with --speculate-up-to B (rounds only while <= B requests run)")
+    p.add_argument("--auto", action="store_true",
+                   help="also serve self-speculative with --exit-layer auto (E and d per round for the batch's size)")
     p.add_argument("--no-transformers", dest="transformers", action="store_false",
                    help="skip `transformers serve` (the peer)")
     p.add_argument("--port", type=int, default=18731, help="for `transformers serve` (it takes no port 0)")
@@ -138,13 +140,15 @@ def main() -> None:
               "by_concurrency": {}}
     runs = {}
     with tempfile.TemporaryFile("w+") as log:
-        contenders = [("autoregressive", ()), ("self-speculative", ())]
+        contenders = [("autoregressive", "autoregressive", ()), ("self-speculative", "self-speculative", ())]
         if args.speculate_up_to:
-            contenders.append(("self-speculative", ("--speculate-up-to", str(args.speculate_up_to))))
-        for strategy, extra in contenders:
+            contenders.append((f"self-speculative-up-to-{args.speculate_up_to}", "self-speculative",
+                               ("--speculate-up-to", str(args.speculate_up_to))))
+        if args.auto:
+            contenders.append(("self-speculative-auto", "self-speculative", ("--exit-layer", "auto")))
+        for label, strategy, extra in contenders:
             proc, url = start(strategy, args.max_batch_size, args.threads, log, extra)
-            if extra:
-                strategy = f"self-speculative-up-to-{args.speculate_up_to}"
+            strategy = label
             try:
                 one(url, "def f():", 8)  # warm-up
                 for c in levels:
@@ -184,6 +188,12 @@ def main() -> None:
                 self_speculative_up_to={k: v for k, v in up.items() if k != "texts"},
                 up_to_speedup=up["tokens_per_second"] / ar["tokens_per_second"],
                 up_to_identical_outputs=up["texts"] == ar["texts"])
+        au = runs.get(("self-speculative-auto", c))
+        if au:
+            report["by_concurrency"][str(c)].update(
+                self_speculative_auto={k: v for k, v in au.items() if k != "texts"},
+                auto_speedup=au["tokens_per_second"] / ar["tokens_per_second"],
+                auto_identical_outputs=au["texts"] == ar["texts"])
         peers = {name: runs[name, c] for name, level in runs if level == c and name.startswith("transformers")}
         for name, tf in peers.items():
             key = "transformers_serve" + name[len("transformers"):].replace("-", "_")

@@ -23,6 +23,17 @@ def test_generate_prints_text_then_stats(tiny_checkpoint, capsys):
     assert "tokens/s" in err and "acceptance" in err
 
 
+def test_generate_auto_prints_its_choices(tiny_checkpoint, capsys):
+    code, out, err = run_cli(["generate", "--model", str(tiny_checkpoint), "--prompt", "import os\n",
+                              "--strategy", "self-speculative", "--exit-layer", "auto", "--max-new-tokens", "12"],
+                             capsys)
+    assert code == 0 and out.strip()
+    assert "exit layer auto" in err and "chose E " in err and "on average" in err
+    with pytest.raises(SystemExit) as e:  # argparse: a usage line and the error, exit status 2
+        main(["generate", "--model", str(tiny_checkpoint), "--prompt", "x", "--exit-layer", "soon"])
+    assert e.value.code == 2 and "expected an integer or 'auto'" in capsys.readouterr().err
+
+
 def test_stream_prints_the_same_text(tiny_checkpoint, capsys):
     base = ["generate", "--model", str(tiny_checkpoint), "--prompt", "class A:\n", "--max-new-tokens", "15",
             "--strategy", "self-speculative", "--exit-layer", "1"]

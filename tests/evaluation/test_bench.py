@@ -91,3 +91,19 @@ def test_compare_transformers_with_a_stop_string_that_fires(tiny, tokenizer, wri
     assert stop not in report.completions["autoregressive"][0]  # and is cut from the text
     for name in ("self_speculative", "transformers_greedy", "transformers_early_exit"):
         assert report.token_ids[name][0] == ours, name
+
+
+def test_self_tuning_runs_beside_the_fixed_exit_layer(tiny_exact, tokenizer, prompts_task):
+    report = run_bench(tiny_exact, tokenizer, prompts_task, strategies="self-speculative,self-speculative-auto",
+                       exit_layer=2, num_speculations=3, max_new_tokens=12, progress=False, score=False)
+    auto = report.result("self_speculative_auto")
+    assert auto.match_rate == 1.0 and auto.exit_layer == "auto" and auto.num_speculations is None
+    assert auto.choices.startswith("E ") and "self-speculative-auto chose: E " in format_table(report)
+    stats = report.auto_stats()
+    assert stats is report.stats["self_speculative_auto"][0] and stats.exit_layer_per_round
+    assert report.result("self_speculative").predicted_speedup > 0  # the fixed E keeps its prediction
+
+
+def test_auto_exit_layer_refuses_early_exit(tiny_exact, tokenizer, prompts_task):
+    with pytest.raises(LayerSkipError, match="early-exit needs a fixed --exit-layer"):
+        run_bench(tiny_exact, tokenizer, prompts_task, exit_layer="auto", max_new_tokens=4, progress=False)

@@ -56,6 +56,18 @@ def test_bench_cli_writes_json(capsys, model_dir, prompts, tmp_path):
     assert doc["machine"]["torch_threads"] == 1
 
 
+def test_bench_cli_auto_plots_its_choices(capsys, model_dir, prompts, tmp_path):
+    png = tmp_path / "choices.png"
+    code, out, err = run(capsys, "bench", "--model", model_dir, "--task", f"jsonl:{prompts}", "--max-new-tokens", "8",
+                         "--strategies", "self-speculative", "--exit-layer", "auto", "--choices-plot", str(png),
+                         "--no-metrics", "--threads", "1")
+    assert code == 0, err
+    assert "self-speculative chose: E " in out and png.stat().st_size > 1000
+    code, out, err = run(capsys, "bench", "--model", model_dir, "--task", f"jsonl:{prompts}", "--choices-plot",
+                         str(png), "--exit-layer", "2")
+    assert code != 0 and "--choices-plot needs --exit-layer auto" in err
+
+
 def test_sweep_cli(capsys, model_dir, prompts, tmp_path):
     args = ["sweep", "--model", model_dir, "--task", f"jsonl:{prompts}", "--exit-layers", "1:2",
             "--num-speculations", "2,4", "--max-new-tokens", "6", "--out", str(tmp_path / "sw")]

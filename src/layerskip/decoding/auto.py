@@ -32,10 +32,11 @@ from layerskip.forward import LayerStack
 from layerskip.runtime import clock
 
 MAX_SPECULATIONS = 12  # the longest draft auto chooses when no num_speculations caps it
-PROBE_EVERY = 4  # a probe round every this many rounds, after the first WARMUP_ROUNDS (all probes)
+PROBE_EVERY = 8  # a probe round every this many rounds, after the first WARMUP_ROUNDS (all probes)
 WARMUP_ROUNDS = 3
 DECAY = 0.98  # per observed token: estimates weigh the last ~1 / (1 - DECAY) tokens
-SWITCH_GAIN = 1.10  # change E only when another E's best round is predicted this much faster
+SWITCH_GAIN = 1.20  # change E only when another E's best round is predicted this much faster
+REAL_ENOUGH = 8.0  # rounds (weighted) of a layer's own after which its own outcomes replace its shadow estimate
 _COST_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
@@ -188,6 +189,7 @@ class AutoPlan:
     candidates: tuple[int, ...]
     max_speculations: int
     start: int
+    start_speculations: int | None = None  # d of the warm-up rounds (the model's stored d), else the prior's best
     threshold: float = 0.0
     accepted: dict[int, RunStats] = field(default_factory=dict)  # from each layer's own rounds
     confident: dict[int, RunStats] = field(default_factory=dict)
@@ -226,10 +228,11 @@ class AutoPlan:
                     self.shadow_confident[e].add(confident, starts=True)
 
     def _rates(self, E: int, real: dict, shadow: dict) -> list[float]:
-        """Depth-wise rates for layer E: the current layer's from its own rounds; another's from its shadow
-        outcomes, calibrated by how the current layer's shadow outcomes compare with its real ones (probed
-        positions are those the current layer's drafts got right: easy ones, which flatter every shadow)."""
-        if E == self.exit_layer:
+        """Depth-wise rates for layer E: from its own rounds where it has had enough of them (the current layer,
+        or one tried before); else from its shadow outcomes, calibrated by how the current layer's shadow outcomes
+        compare with its real ones (probed positions are those the current layer's drafts got right: easy ones,
+        which flatter every shadow)."""
+        if E == self.exit_layer or real[E].trials[0] >= REAL_ENOUGH:
             return real[E].rates()
         here, ref, theirs = real[self.exit_layer].rates(), shadow[self.exit_layer].rates(), shadow[E].rates()
         return [min(0.999, t * min(2.0, max(0.5, h / f))) for t, h, f in zip(theirs, here, ref)]
@@ -276,6 +279,8 @@ class AutoPlan:
         r = self.rounds
         self.rounds += 1
         current = self.best_round(self.exit_layer, B)
+        if r < WARMUP_ROUNDS and self.start_speculations:  # nothing measured yet: the stored d, if any
+            current = (current[0], min(self.start_speculations, self.max_speculations))
         if r >= WARMUP_ROUNDS:  # no switching on no evidence
             if self._others is None or self._others[0] != B:
                 self._others = (B, max(((E, self.best_round(E, B)) for E in self.candidates if E != self.exit_layer),
@@ -306,8 +311,10 @@ def new_plan(stack: LayerStack, vocab: torch.Tensor | None, *, start: int | None
     candidates = candidate_layers(stack.num_layers)
     d = max_speculations or MAX_SPECULATIONS
     costs = step_costs(stack, vocab, max_rows * (d + 1))
+    stored_d = model_defaults(stack.model).get("num_speculations")
     return AutoPlan(costs, stack.num_layers, candidates, d,
-                    start if start is not None else candidates[len(candidates) // 2], threshold or 0.0)
+                    start if start is not None else candidates[len(candidates) // 2],
+                    stored_d if isinstance(stored_d, int) and stored_d > 0 else None, threshold or 0.0)
 
 
 def shadow_outcomes(stack: LayerStack, hidden: dict[int, torch.Tensor], targets: torch.Tensor, spans: list[int],

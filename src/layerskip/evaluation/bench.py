@@ -81,6 +81,14 @@ class BenchReport:
     batch_size: int = 1
     completions: dict[str, list[str]] = field(default_factory=dict, repr=False)
     token_ids: dict[str, list[list[int]]] = field(default_factory=dict, repr=False)
+    stats: dict[str, list] = field(default_factory=dict, repr=False)  # per strategy, per prompt: GenerationStats
+
+    def auto_stats(self):
+        """The first prompt's stats of the run with exit_layer "auto", or None."""
+        for r in self.results:
+            if r.exit_layer == AUTO and self.stats.get(r.strategy):
+                return self.stats[r.strategy][0]
+        return None
 
     def to_dict(self) -> dict:
         return {
@@ -212,6 +220,7 @@ def run_bench(model, tokenizer, task: Task, *, strategies=OURS, exit_layer: int 
         results=results, cost_model=times.as_dict() if times else None, machine=machine_info(engine),
         completions={s: [r.text for r in rs] for s, rs in runs.items()},
         token_ids={s: [r.token_ids for r in rs] for s, rs in runs.items()},
+        stats={s: [r.stats for r in rs] for s, rs in runs.items()},
     )
 
 
@@ -262,7 +271,8 @@ def _bench_batched(engine, tokenizer, task: Task, prompts, configs: dict, batch_
     return BenchReport(model=model_name, task=task.name, num_samples=len(prompts), max_new_tokens=max_new_tokens,
                        results=results, machine=machine_info(engine), batch_size=batch_size,
                        completions={s: [r.text for r in rs] for s, rs in runs.items()},
-                       token_ids={s: [r.token_ids for r in rs] for s, rs in runs.items()})
+                       token_ids={s: [r.token_ids for r in rs] for s, rs in runs.items()},
+                       stats={s: [r.stats for r in rs] for s, rs in runs.items()})
 
 
 def _strategy_config(strategy: str, spec) -> DecodeConfig:
@@ -393,6 +403,7 @@ def _summarize(strategy, runs: list[_Run], baseline: list[_Run], E, d, times) ->
     )
     if strategy == SELF_TUNING:
         result.exit_layer, result.num_speculations = AUTO, None
+    if result.exit_layer == AUTO:
         result.choices = auto_summary(sum((r.stats.exit_layer_per_round for r in runs), []),
                                       sum((r.stats.speculations_per_round for r in runs), []))
     if strategy in ("self_speculative", SELF_TUNING):

@@ -36,6 +36,9 @@ def add_parser(subparsers) -> None:
                        help="decode the prompts B at a time (our strategies; reports total and per-sequence tokens/s)")
     bench.add_argument("--no-metrics", action="store_true", help="skip scoring (pass@1, ROUGE, exact match)")
     bench.add_argument("--json", metavar="FILE", help="write the report as JSON")
+    bench.add_argument("--choices-plot", metavar="PNG",
+                       help="with exit layer 'auto' (or strategy self-speculative-auto): plot the exit layer and draft "
+                            "length its rounds chose on the first timed prompt")
     bench.set_defaults(func=cmd_bench)
 
     sweep = subparsers.add_parser(
@@ -123,6 +126,8 @@ def cmd_bench(args) -> int:
     _positive(args.batch_size, "--batch-size")
     _check_drafting(args)
     strategies = parse_strategies(args.strategies)
+    if args.choices_plot and args.exit_layer != "auto" and "self_speculative_auto" not in strategies:
+        raise LayerSkipError("--choices-plot needs --exit-layer auto or the strategy self-speculative-auto")
     task = load_task(args.task, data_file=args.data_file, limit=args.limit)
     model, tokenizer, engine = _load_model(args)
     report = run_bench(model, tokenizer, task, strategies=strategies, exit_layer=args.exit_layer,
@@ -131,6 +136,11 @@ def cmd_bench(args) -> int:
                        compare_transformers=args.compare_transformers, score=not args.no_metrics,
                        model_name=args.model or "default", engine=engine, batch_size=args.batch_size)
     print(format_table(report))
+    if args.choices_plot:
+        from layerskip.evaluation.plots import plot_auto_choices
+
+        stats = report.auto_stats()
+        print(f"wrote {plot_auto_choices(stats, args.choices_plot, title=f'{report.task} · {report.model}')}")
     if args.json:
         io.write_json(args.json, report.to_dict())
         print(f"wrote {args.json}")

@@ -146,6 +146,26 @@ def plot_sweep_heatmap(rows: list[dict], path: str | Path, *, title: str = "",
     return Path(path)
 
 
+def plot_auto_choices(stats, path: str | Path, *, title: str = "") -> Path:
+    """What exit_layer="auto" chose over one generation: the exit layer of every round (top), its draft length d
+    and the drafts accepted (bottom; d = 0: an autoregressive step). `stats`: a GenerationStats."""
+    plt = _pyplot()
+    rounds = list(range(1, len(stats.exit_layer_per_round) + 1))
+    fig, (ax_e, ax_d) = plt.subplots(2, 1, figsize=(9, 5), sharex=True)
+    ax_e.step(rounds, stats.exit_layer_per_round, where="mid", color="tab:blue")
+    ax_e.set_ylabel("exit layer E")
+    ax_e.yaxis.set_major_locator(_integer_locator(max(stats.exit_layer_per_round, default=1)))
+    ax_d.step(rounds, stats.speculations_per_round, where="mid", color="tab:orange", label="d chosen")
+    ax_d.bar(rounds, stats.accepted_per_round[:len(rounds)], color="tab:green", alpha=0.5, label="drafts accepted")
+    ax_d.set_ylabel("drafts")
+    ax_d.set_xlabel("round")
+    ax_d.legend(loc="upper right", fontsize=8)
+    for ax in (ax_e, ax_d):
+        ax.grid(True, alpha=0.3)
+    ax_e.set_title(f"exit_layer='auto': {stats.num_new_tokens} tokens in {len(rounds)} rounds")
+    return _finish(plt, fig, path, title)
+
+
 def _finish(plt, fig, path, title: str) -> Path:
     """Title, layout, atomic write, close."""
     if title:
