@@ -35,7 +35,9 @@ MAX_SPECULATIONS = 12  # the longest draft auto chooses when no num_speculations
 PROBE_EVERY = 8  # a probe round every this many rounds, after the first WARMUP_ROUNDS (all probes)
 WARMUP_ROUNDS = 3
 DECAY = 0.98  # per observed token: estimates weigh the last ~1 / (1 - DECAY) tokens
-SWITCH_GAIN = 1.20  # change E only when another E's best round is predicted this much faster
+SWITCH_GAIN = 1.10  # change E only when another E's best round is predicted this much faster
+SPEED_DECAY = 0.8  # per round: measured speeds weigh the last ~5 rounds
+MEASURED_ROUNDS, MEASURED_FOR = 4, 64  # a measured speed counts after 4 rounds at it, for 64 rounds after the last
 REAL_ENOUGH = 8.0  # rounds (weighted) of a layer's own after which its own outcomes replace its shadow estimate
 _COST_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
@@ -197,7 +199,8 @@ class AutoPlan:
     shadow_confident: dict[int, RunStats] = field(default_factory=dict)
     rounds: int = 0
     exit_layer: int = 0
-    _others: tuple | None = field(default=None, repr=False)  # (B, (E, (tokens/s, k))): the best other layer
+    measured: dict[tuple[int, int], list] = field(default_factory=dict)  # (E, B) -> [tokens, s, last round, n]
+    _others: tuple | None = field(default=None, repr=False)  # (B, {E: (predicted tokens/s, k)}) for other layers
 
     def __post_init__(self):
         self.exit_layer = min(self.candidates, key=lambda e: abs(e - self.start))
@@ -272,10 +275,26 @@ class AutoPlan:
             best = max(best, (B * tokens / cost, k))
         return best
 
+    def observe_speed(self, E: int, B: int, tokens: int, seconds: float) -> None:
+        """A round's (or step's) wall time at E for B rows and the tokens it emitted."""
+        m = self.measured.setdefault((E, B), [0.0, 0.0, 0, 0])
+        m[0], m[1], m[2], m[3] = m[0] * SPEED_DECAY + tokens, m[1] * SPEED_DECAY + seconds, self.rounds, m[3] + 1
+
+    def _measured(self, E: int, B: int) -> float | None:
+        """Tokens per second measured at (E, B) over its last rounds, if it has had MEASURED_ROUNDS of them
+        within the last MEASURED_FOR rounds."""
+        m = self.measured.get((E, B))
+        if m is None or m[3] < MEASURED_ROUNDS or self.rounds - m[2] > MEASURED_FOR or m[1] <= 0:
+            return None
+        return m[0] / m[1]
+
     def choose(self, B: int) -> tuple[int, int, tuple[int, ...]]:
         """(E, k, probe layers) for the next round of B rows. k = 0: an autoregressive step is predicted faster
-        than any round; a probe round is a round whatever the prediction, so the estimates stay fresh. The other
-        layers' estimates change only on probe rounds: their best is recomputed only then (or for another B)."""
+        than any round; a probe round is a round whatever the prediction, so the estimates stay fresh.
+
+        Layers are compared by measured speed where there is one (the current layer's, or one tried lately), else
+        by the cost model's prediction scaled by how the current layer's measured speed compares with its own
+        prediction. The other layers' predictions change only on probe rounds: recomputed only then."""
         r = self.rounds
         self.rounds += 1
         current = self.best_round(self.exit_layer, B)
@@ -283,11 +302,13 @@ class AutoPlan:
             current = (current[0], min(self.start_speculations, self.max_speculations))
         if r >= WARMUP_ROUNDS:  # no switching on no evidence
             if self._others is None or self._others[0] != B:
-                self._others = (B, max(((E, self.best_round(E, B)) for E in self.candidates if E != self.exit_layer),
-                                       key=lambda c: c[1][0], default=None))
-            best = self._others[1]
-            if best is not None and best[1][0] > current[0] * SWITCH_GAIN:
-                self.exit_layer, current = best
+                self._others = (B, {E: self.best_round(E, B) for E in self.candidates if E != self.exit_layer})
+            here = self._measured(self.exit_layer, B)
+            scale = here / current[0] if here else 1.0
+            value = lambda E: self._measured(E, B) or self._others[1][E][0] * scale
+            best = max(self._others[1], key=value, default=None)
+            if best is not None and value(best) > (here or current[0]) * SWITCH_GAIN:
+                self.exit_layer, current = best, self._others[1][best]
                 self._others = None
         probes = self._probes(r)
         if probes:

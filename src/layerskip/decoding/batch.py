@@ -29,6 +29,7 @@ same acceptance rule per row, each with its own generator (`generate` seeds row 
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -157,6 +158,7 @@ class Batch:
                                           max_rows=max(self.max_rows or 0, len(self.rows)),
                                           threshold=self.confidence_threshold)
             E, k, probes = self.plan.choose(len(self.rows))
+            t0, before = time.perf_counter(), sum(len(r.generated) for r in self.rows)
             if k:
                 done, shadow = _speculative_round(self.stack, self.cache, self.rows, E, k, self.draft_vocab,
                                                   self.confidence_threshold, self.on_tokens, probes)
@@ -165,6 +167,8 @@ class Batch:
                 self.plan.observe_shadow(shadow)
             else:
                 _step(self.stack, self.cache, self.rows, self.stack.num_layers, self.on_tokens)
+            self.plan.observe_speed(E if k else 0, len(self.rows), sum(len(r.generated) for r in self.rows) - before,
+                                    time.perf_counter() - t0)
         elif self.strategy == "self_speculative" and rounds:
             _speculative_round(self.stack, self.cache, self.rows, self.exit_layer, self.num_speculations,
                                self.draft_vocab, self.confidence_threshold, self.on_tokens)

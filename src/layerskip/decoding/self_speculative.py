@@ -29,6 +29,7 @@ The functions here are the hot path and keep no statistics; `decode_self_specula
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -214,9 +215,11 @@ def decode_self_speculative(stack: LayerStack, prompt: torch.Tensor, *, exit_lay
         if plan:
             E, d, probes = plan.choose(1)
         k = min(d, stopper.remaining(generated) - 1)  # room for the verifier's own token
+        t0 = time.perf_counter()
         r, pos = run_round(stack, cache, pending, pos, k, exit_layer=E, params=params, generator=generator,
                            vocab=draft_vocab, confidence_threshold=confidence_threshold, timer=timer, probes=probes)
-        if plan:
+        if plan:  # the tokens are on the host: the clock reads the round's real time
+            plan.observe_speed(E, 1, len(r.tokens), time.perf_counter() - t0)
             plan.observe_round(E, r)
         emit, reason = stopper.accept(generated, r.tokens)
         stats.add_round(r.drafted, min(r.accepted, len(emit)), E, d)  # drafts cut by a stop never count as accepted
