@@ -62,7 +62,8 @@ def timed(engine, prompts, configs: dict, tokenizer, stops) -> dict:
         out[name] = {"config": {k: v for k, v in configs[name].items() if k != "max_new_tokens"},
                      "tokens_per_second": tokens / seconds, "tokens": tokens,
                      "acceptance_rate": sum(r.stats.accepted for r in rs) / drafted if drafted else None,
-                     "identical_to_autoregressive": [r.token_ids for r in rs] == [r.token_ids for r in runs["autoregressive"]]}
+                     "identical_to_autoregressive":
+                         [r.token_ids for r in rs] == [r.token_ids for r in runs["autoregressive"]]}
         if configs[name].get("exit_layer") == "auto":
             out[name]["choices"] = summary(sum((r.stats.exit_layer_per_round for r in rs), []),
                                            sum((r.stats.speculations_per_round for r in rs), []))
@@ -75,7 +76,8 @@ def timed(engine, prompts, configs: dict, tokenizer, stops) -> dict:
 def real_model(args) -> dict:
     model, tokenizer = layerskip.load(args.model)
     engine = layerskip.prepare(model, tune=True)
-    task = heldout_task(args.skip, args.limit) if args.prompts == "heldout" else load_task("humaneval", limit=args.limit)
+    task = (heldout_task(args.skip, args.limit) if args.prompts == "heldout"
+            else load_task("humaneval", limit=args.limit))
     from layerskip.evaluation.replay import replay_grid
 
     L = engine.num_layers

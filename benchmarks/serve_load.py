@@ -59,8 +59,9 @@ def start_transformers(port: int, log, threads: int | None = None):
     path = str(default_model_dir())
     proc = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "transformers"), "serve", path, "--host", "127.0.0.1", "--port", str(port),
                              "--continuous-batching", "--device", "cpu", "--dtype", "float32"],
-                            stdout=log, stderr=log, env=dict(os.environ, HF_HUB_OFFLINE="1",
-                                                             **({} if threads is None else {"OMP_NUM_THREADS": str(threads)})))
+                            stdout=log, stderr=log,
+                            env=dict(os.environ, HF_HUB_OFFLINE="1",
+                                     **({} if threads is None else {"OMP_NUM_THREADS": str(threads)})))
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline and proc.poll() is None:
         try:

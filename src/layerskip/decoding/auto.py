@@ -7,17 +7,20 @@ Terminology as in self_speculative.py. Two things decide which (E, d) is fastest
                 (k + 1) early passes of B rows through [0, E), k draft heads of B rows,
                 one late pass of B(k + 1) rows through [E, L) and the full head on B(k + 1) rows;
               an autoregressive step one pass of B rows through [0, L) and the head.
-  acceptance  how often a draft from each candidate layer would be accepted (`AutoPlan.alpha`). The current E's
-              comes from its own rounds. Every few rounds a round is a probe ("shadow tokens", DEL, COLM 2025):
-              the hidden states the round computes anyway at other candidate layers (below E while drafting,
-              above E while verifying) go through the (draft) head, and their argmax at each position whose
-              context the verifier confirmed (x0 and the accepted drafts) is compared with the verifier's own.
-              Estimates are exponentially weighted over the last ~50 observed tokens, so they follow the text.
-With per-token acceptance alpha, a round of k drafts emits n = (1 - alpha^(k+1)) / (1 - alpha) tokens per row on
-average (Leviathan et al. 2023); `AutoPlan.choose` takes the (E, k) of the most tokens per second, or an
-autoregressive step where no round beats it (a batch of many rows on a CPU, or acceptance that has collapsed),
-and switches E only for a clear gain. Lossless whatever it chooses: the verifier alone decides what is emitted,
-every layer's cache is valid up to the accepted length after every round, so E may change between rounds, and
+  acceptance  how often a draft from each candidate layer would be accepted, by depth (`RunStats`: the chance
+              that draft j is accepted given drafts 1 .. j - 1 were; in code drafts come in bursts, which an
+              i.i.d. rate misses). The current E's comes from its own rounds. Every PROBE_EVERY rounds a round is
+              a probe ("shadow tokens", DEL, COLM 2025): the hidden states the round computes anyway at other
+              candidate layers (below E while drafting, above E while verifying) go through the (draft) head, and
+              their argmax at each position whose context the verifier confirmed (x0 and the accepted drafts) is
+              compared with the verifier's own. Estimates are exponentially weighted, so they follow the text.
+  speed       each round's wall time: layers are compared by measured tokens per second where one was measured
+              lately (the current layer, or one tried before); the others by the cost model's prediction, scaled
+              by the current layer's measured / predicted (probed positions are easy ones, which flatter shadows).
+`AutoPlan.choose` takes the k of the most predicted tokens per second at the current E, or an autoregressive step
+where no round beats it (a batch of many rows on a CPU, or acceptance that has collapsed), and switches E only for
+a clear gain (SWITCH_GAIN). Lossless whatever it chooses: the verifier alone decides what is emitted, every layer's
+cache is valid up to the accepted length after every round, so E may change between rounds, and
 sampling stays distribution-exact (each choice depends only on what earlier rounds verified).
 """
 from __future__ import annotations
@@ -47,11 +50,6 @@ def candidate_layers(num_layers: int, most: int = 12) -> tuple[int, ...]:
     if num_layers - 1 <= most:
         return tuple(range(1, num_layers))
     return tuple(sorted({round(1 + i * (num_layers - 2) / (most - 1)) for i in range(most)}))
-
-
-def expected_tokens(alpha: float, k: int) -> float:
-    """Mean tokens a round of k drafts emits per row at i.i.d. per-token acceptance alpha."""
-    return k + 1.0 if alpha >= 1 else (1 - alpha ** (k + 1)) / (1 - alpha)
 
 
 @dataclass

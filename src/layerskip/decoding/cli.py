@@ -12,7 +12,8 @@ from layerskip.errors import LayerSkipError
 DEMO_PROMPT = "import os\n\n\ndef read_lines(path):"
 
 
-def add_model_args(p: argparse.ArgumentParser, threads_help: str = "torch CPU threads (default: torch's choice)") -> None:
+def add_model_args(p: argparse.ArgumentParser,
+                   threads_help: str = "torch CPU threads (default: torch's choice)") -> None:
     p.add_argument("--model", default=None,
                    help="a local checkpoint directory, a hub id, 'smollm2-135m', or omit for the built-in default")
     p.add_argument("--dtype", default=None, help="float32 (CPU default), bfloat16, float16, auto")
