@@ -40,6 +40,8 @@ WARMUP_ROUNDS = 3
 DECAY = 0.98  # per observed token: estimates weigh the last ~1 / (1 - DECAY) tokens
 SWITCH_GAIN = 1.10  # change E only when another E's best round is predicted this much faster
 SPEED_DECAY = 0.8  # per round: measured speeds weigh the last ~5 rounds
+AR = 0  # the key of autoregressive steps among measured speeds
+STEP_WITHIN = 1.3  # try steps (to measure them) where the cost model puts them within 30% of the measured round
 MEASURED_ROUNDS, MEASURED_FOR = 4, 64  # a measured speed counts after 4 rounds at it, for 64 rounds after the last
 REAL_ENOUGH = 8.0  # rounds (weighted) of a layer's own after which its own outcomes replace its shadow estimate
 _COST_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -274,7 +276,7 @@ class AutoPlan:
         return best
 
     def observe_speed(self, E: int, B: int, tokens: int, seconds: float) -> None:
-        """A round's (or step's) wall time at E for B rows and the tokens it emitted."""
+        """A round's wall time at E (AR: an autoregressive step) for B rows and the tokens it emitted."""
         m = self.measured.setdefault((E, B), [0.0, 0.0, 0, 0])
         m[0], m[1], m[2], m[3] = m[0] * SPEED_DECAY + tokens, m[1] * SPEED_DECAY + seconds, self.rounds, m[3] + 1
 
@@ -311,9 +313,27 @@ class AutoPlan:
         probes = self._probes(r)
         if probes:
             self._others = None  # their estimates are about to change
-        if not probes and B / self.costs.autoregressive(self.num_layers, B) > current[0]:
-            return self.exit_layer, 0, ()
-        return self.exit_layer, current[1], probes
+            return self.exit_layer, current[1], probes
+        return self.exit_layer, (0 if self._step_instead(r, B, current[0]) else current[1]), ()
+
+    def _step_instead(self, r: int, B: int, predicted: float) -> bool:
+        """Whether an autoregressive step beats the current layer's round for B > 1 rows: measured against measured
+        where both are (a step's speed is measured in a few steps tried once the warm-up is over, where the
+        prediction puts it within STEP_WITHIN of the measured round, and again when that goes stale), else
+        predicted against predicted."""
+        guess = B / self.costs.autoregressive(self.num_layers, B)
+        if B == 1:  # one row: a round's speed swings with the text, a step's does not; only the prediction decides
+            return guess > predicted
+        here, step = self._measured(self.exit_layer, B), self._measured(AR, B)
+        if step is None and here is not None and r >= WARMUP_ROUNDS and guess * STEP_WITHIN > here:
+            m = self.measured.get((AR, B))
+            if m is None or m[3] < MEASURED_ROUNDS or self.rounds - m[2] > MEASURED_FOR:
+                if m is not None and self.rounds - m[2] > MEASURED_FOR:
+                    del self.measured[(AR, B)]  # stale: measure afresh
+                return True
+        if step is not None and here is not None:
+            return step > here
+        return guess > predicted
 
 
 def stored_exit_layer(stack: LayerStack) -> int | None:

@@ -167,7 +167,7 @@ class Batch:
                 self.plan.observe_shadow(shadow)
             else:
                 _step(self.stack, self.cache, self.rows, self.stack.num_layers, self.on_tokens)
-            self.plan.observe_speed(E if k else 0, len(self.rows), sum(len(r.generated) for r in self.rows) - before,
+            self.plan.observe_speed(E if k else auto.AR, len(self.rows), sum(len(r.generated) for r in self.rows) - before,
                                     time.perf_counter() - t0)
         elif self.strategy == "self_speculative" and rounds:
             _speculative_round(self.stack, self.cache, self.rows, self.exit_layer, self.num_speculations,

@@ -219,7 +219,7 @@ def decode_self_speculative(stack: LayerStack, prompt: torch.Tensor, *, exit_lay
         r, pos = run_round(stack, cache, pending, pos, k, exit_layer=E, params=params, generator=generator,
                            vocab=draft_vocab, confidence_threshold=confidence_threshold, timer=timer, probes=probes)
         if plan:  # the tokens are on the host: the clock reads the round's real time
-            plan.observe_speed(E, 1, len(r.tokens), time.perf_counter() - t0)
+            plan.observe_speed(E if d else auto.AR, 1, len(r.tokens), time.perf_counter() - t0)
             plan.observe_round(E, r)
         emit, reason = stopper.accept(generated, r.tokens)
         stats.add_round(r.drafted, min(r.accepted, len(emit)), E, d)  # drafts cut by a stop never count as accepted
