@@ -139,3 +139,22 @@ def test_run_stats_count_runs_by_depth():
 def test_exit_layer_auto_is_rejected_for_early_exit():
     with pytest.raises(layerskip.LayerSkipError, match="early exit needs a fixed exit layer"):
         layerskip.DecodeConfig("early_exit", exit_layer="auto")
+
+
+def test_batched_plan_measures_steps_and_takes_the_faster():
+    """B > 1: once a round's speed is measured, a few autoregressive steps are tried, then the faster one wins;
+    B = 1: the prediction alone decides."""
+    costs = auto.StepCosts(rows=(1, 64), layer=(1e-3, 2e-3), head=(1e-3, 2e-3), draft_head=(1e-3, 2e-3),
+                           fixed=1e-4)
+    plan = auto.AutoPlan(costs, num_layers=4, candidates=(1, 2, 3), max_speculations=4, start=2)
+    plan.rounds = auto.WARMUP_ROUNDS + 1
+    for _ in range(auto.MEASURED_ROUNDS):
+        plan.observe_speed(2, 4, 8, 0.01)  # rounds at E = 2 for 4 rows: 800 tokens/s
+    assert plan._step_instead(plan.rounds, 4, predicted=1e9)  # steps not measured yet: try one
+    for _ in range(auto.MEASURED_ROUNDS):
+        plan.observe_speed(auto.AR, 4, 4, 0.01)  # steps: 400 tokens/s
+    assert not plan._step_instead(plan.rounds, 4, predicted=0.0)
+    for _ in range(3 * auto.MEASURED_ROUNDS):
+        plan.observe_speed(auto.AR, 4, 4, 0.002)  # steps now measure 2000 tokens/s
+    assert plan._step_instead(plan.rounds, 4, predicted=1e9)
+    assert not plan._step_instead(plan.rounds, 1, predicted=1e9)  # one row: predicted round 1e9 tok/s wins
