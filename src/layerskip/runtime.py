@@ -1,6 +1,8 @@
-"""Process-wide runtime settings, each set in one place: torch's CPU thread count and the device clock."""
+"""Process-wide runtime settings, each set in one place: torch's CPU thread count and the device clock; and the
+interleaved timing that the cost models share."""
 from __future__ import annotations
 
+import statistics
 import time
 
 import torch
@@ -25,3 +27,20 @@ def clock(device: torch.device | str) -> float:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter()
+
+
+def interleaved_medians(pieces, repeats: int, warmup: int, device) -> dict:
+    """{name: median seconds} of `pieces` [(name, fn, setup or None)] over `repeats` rounds after `warmup`, every
+    piece once per round, in turn, so that a slow spell on a shared machine falls on all of them alike (their
+    ratios are what predictions use). `setup()`, if given, runs untimed before each call of its piece."""
+    times = {name: [] for name, _, _ in pieces}
+    for i in range(warmup + repeats):
+        for name, fn, setup in pieces:
+            if setup is not None:
+                setup()
+            t0 = clock(device)
+            fn()
+            t1 = clock(device)
+            if i >= warmup:
+                times[name].append(t1 - t0)
+    return {name: statistics.median(values) for name, values in times.items()}

@@ -25,6 +25,7 @@ sampling stays distribution-exact (each choice depends only on what earlier roun
 """
 from __future__ import annotations
 
+import collections
 import statistics
 from dataclasses import dataclass, field
 
@@ -32,7 +33,7 @@ import torch
 
 from layerskip.decoding.config import AUTO, model_defaults
 from layerskip.forward import LayerStack
-from layerskip.runtime import clock
+from layerskip.runtime import interleaved_medians
 
 MAX_SPECULATIONS = 12  # the longest draft auto chooses when no num_speculations caps it
 PROBE_EVERY = 8  # a probe round every this many rounds, after the first WARMUP_ROUNDS (all probes)
@@ -102,18 +103,11 @@ def measure_step_costs(stack: LayerStack, vocab: torch.Tensor | None, max_rows: 
         stack.run(h0, 0, L, cache, 0)
         for r in rows:
             h = torch.randn(1, r, H, generator=gen).to(stack.device, stack.dtype)
-            pieces = {"one": lambda: stack.run(h, 0, 1, cache, context),
-                      "all": lambda: stack.run(h, 0, L, cache, context),
-                      "head": lambda: stack.logits(h[0]).argmax(-1),
-                      "draft": lambda: stack.logits(h[0], vocab).argmax(-1)}
-            times = {name: [] for name in pieces}
-            for i in range(repeats + 1):
-                for name, fn in pieces.items():
-                    t0 = clock(stack.device)
-                    fn()
-                    if i:
-                        times[name].append(clock(stack.device) - t0)
-            t = {name: statistics.median(v) for name, v in times.items()}
+            t = interleaved_medians([("one", lambda: stack.run(h, 0, 1, cache, context), None),
+                                     ("all", lambda: stack.run(h, 0, L, cache, context), None),
+                                     ("head", lambda: stack.logits(h[0]).argmax(-1), None),
+                                     ("draft", lambda: stack.logits(h[0], vocab).argmax(-1), None)],
+                                    repeats, 1, stack.device)
             per_layer = max(t["all"] - t["one"], 0.0) / (L - 1)
             layer.append(per_layer)
             fixed.append(max(t["one"] - per_layer, 0.0))
@@ -208,11 +202,6 @@ class AutoPlan:
             for table in (self.accepted, self.confident, self.shadow_accepted, self.shadow_confident):
                 table[e] = RunStats(self.max_speculations)
 
-    def alpha(self, E: int) -> float:
-        """The pooled estimate that a draft from layer E is accepted, over every depth (for reports)."""
-        a = self.accepted[E]
-        return (sum(a.success) + 0.5) / (sum(a.trials) + 1)
-
     def observe_round(self, E: int, r) -> None:
         """A round at E (self_speculative.Round): its a accepted drafts, then a failure (a rejected draft, or an
         unsure stop) unless drafting reached its cap with every draft accepted; its drafts' confidence (an
@@ -263,7 +252,7 @@ class AutoPlan:
         u = self._rates(E, self.confident, self.shadow_confident) if self.threshold > 0 else [1.0] * len(a)
         early = c.fixed + E * c.at_layer(B)
         head = c.at_draft_head(B)
-        best, tokens, reach, deepest, survive, drafting = (0.0, 0), 1.0, 1.0, 0.0, 1.0, 1.0
+        best, tokens, reach, deepest, survive = (0.0, 0), 1.0, 1.0, 0.0, 1.0
         for k in range(1, self.max_speculations + 1):
             survive *= a[k - 1]
             tokens += survive  # expected tokens per row of a round of cap k
@@ -327,10 +316,9 @@ class AutoPlan:
         here, step = self._measured(self.exit_layer, B), self._measured(AR, B)
         if step is None and here is not None and r >= WARMUP_ROUNDS and guess * STEP_WITHIN > here:
             m = self.measured.get((AR, B))
-            if m is None or m[3] < MEASURED_ROUNDS or self.rounds - m[2] > MEASURED_FOR:
-                if m is not None and self.rounds - m[2] > MEASURED_FOR:
-                    del self.measured[(AR, B)]  # stale: measure afresh
-                return True
+            if m is not None and self.rounds - m[2] > MEASURED_FOR:
+                del self.measured[(AR, B)]  # stale: measure afresh
+            return True
         if step is not None and here is not None:
             return step > here
         return guess > predicted
@@ -387,10 +375,6 @@ def summary(exit_layers: list[int], drafts: list[int]) -> str:
     """'E 3 (81%), 4 (19%); d 6.2 on average' for the rounds' chosen exit layers and draft lengths."""
     if not exit_layers:
         return "no rounds"
-    counts: dict[int, int] = {}
-    for e in exit_layers:
-        counts[e] = counts.get(e, 0) + 1
-    top = sorted(counts.items(), key=lambda kv: -kv[1])[:3]
+    top = collections.Counter(exit_layers).most_common(3)
     parts = ", ".join(f"{e} ({100 * n / len(exit_layers):.0f}%)" for e, n in top)
-    mean = sum(drafts) / len(drafts) if drafts else math.nan
-    return f"E {parts}; d {mean:.1f} on average"
+    return f"E {parts}; d {sum(drafts) / len(drafts):.1f} on average"

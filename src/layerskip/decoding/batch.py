@@ -167,8 +167,8 @@ class Batch:
                 self.plan.observe_shadow(shadow)
             else:
                 _step(self.stack, self.cache, self.rows, self.stack.num_layers, self.on_tokens)
-            self.plan.observe_speed(E if k else auto.AR, len(self.rows), sum(len(r.generated) for r in self.rows) - before,
-                                    time.perf_counter() - t0)
+            emitted = sum(len(r.generated) for r in self.rows) - before
+            self.plan.observe_speed(E if k else auto.AR, len(self.rows), emitted, time.perf_counter() - t0)
         elif self.strategy == "self_speculative" and rounds:
             _speculative_round(self.stack, self.cache, self.rows, self.exit_layer, self.num_speculations,
                                self.draft_vocab, self.confidence_threshold, self.on_tokens)
@@ -238,11 +238,12 @@ def _greedy_drafts(logits: torch.Tensor, vocab: torch.Tensor | None, threshold: 
 def _speculative_round(stack: LayerStack, cache, rows: list[Row], E: int, d: int, vocab, threshold: float,
                        on_tokens, probes=()) -> tuple[list[Round], dict[int, list]]:
     """One self-speculative round for every row (see the module docstring). Returns every row's Round and, for
-    `probes` (other exit layers, decoding/auto.py), their shadow counts over every row's verified positions."""
+    `probes` (exit layers, E among them, decoding/auto.py), their shadow outcomes over every row's verified
+    positions."""
     B, device = len(rows), stack.device
     early = {e: [] for e in probes if e <= E}  # taps of the passes through [0, E) (E: their output)
     late = {e: [] for e in probes if e > E}  # taps of the verify pass through [E, L)
-    tapped = {e: [[] for _ in rows] for e in early}  # each row's hidden states at e < E, in order
+    tapped = {e: [[] for _ in rows] for e in early}  # each row's hidden states at e <= E, in order
 
     def keep(fed_rows) -> None:  # move this pass's early taps into the rows that fed a real token
         for e, t in early.items():

@@ -121,13 +121,13 @@ def stats_line(stats) -> str:
     if stats.strategy == "self_speculative":
         rate = "-" if stats.acceptance_rate is None else f"{stats.acceptance_rate:.2f}"
         per_round = "-" if stats.tokens_per_round is None else f"{stats.tokens_per_round:.2f}"
+        acceptance = f"acceptance {rate}, {per_round} tokens/round"
         if stats.exit_layer == "auto":
             from layerskip.decoding.auto import summary
 
-            parts.append(f"chose {summary(stats.exit_layer_per_round, stats.speculations_per_round)}")
-            parts.append(f"acceptance {rate}, {per_round} tokens/round")
+            parts += [f"chose {summary(stats.exit_layer_per_round, stats.speculations_per_round)}", acceptance]
         else:
-            parts.append(f"d={stats.num_speculations}, acceptance {rate}, {per_round} tokens/round")
+            parts.append(f"d={stats.num_speculations}, {acceptance}")
         if stats.confidence_threshold:
             parts.append(f"confidence threshold {stats.confidence_threshold:g}")
         if stats.draft_vocab_size:

@@ -70,7 +70,7 @@ class Round:
     """One round's outcome: k drafted, a accepted by the verifier, `tokens` = drafts[:a] + [next token].
 
     unsure: drafting stopped before its cap because a draft was below the confidence threshold.
-    shadow: on a probe round (decoding/auto.py), {other exit layer: [(accepted, confident) flags]}: at x0 and the
+    shadow: on a probe round (decoding/auto.py), {probed exit layer: [(accepted, confident) flags]}: at x0 and the
     accepted drafts, whether its draft would have been confident and accepted, and confident.
     """
 
@@ -95,7 +95,7 @@ def draft(stack: LayerStack, cache, pending: torch.Tensor, pos: int, exit_layer:
         vocab: the draft vocabulary (token ids), or None for the full one.
         confidence_threshold: stop drafting where the draft distribution's top probability is below it
             (adaptive draft length; greedy: the would-be draft's own probability). 0: always draft k.
-        taps: collects the hidden states of other exit layers below E (LayerStack.run).
+        taps: collects the hidden states at exit layers up to E (LayerStack.run).
     """
     h = stack.run(stack.embed(pending), 0, exit_layer, cache, pos, taps)  # (1, P, H)
     exits, tokens, probs = [h], [], []
@@ -171,7 +171,8 @@ def run_round(stack: LayerStack, cache, pending: torch.Tensor, pos: int, k: int,
               confidence_threshold: float = 0.0, timer: Timer | None = None, probes=()) -> tuple[Round, int]:
     """draft -> verify -> accept -> rollback. Returns (the Round, the position of the next pending token).
 
-    probes: other exit layers whose drafts to measure on this round's verified positions (Round.shadow).
+    probes: exit layers (E among them, which calibrates the others) whose drafts to measure on this round's
+        verified positions (Round.shadow).
     The cache afterwards: every layer valid up to the returned position (x0 and the accepted drafts).
     """
     taps = {e: [] for e in probes} if probes else None

@@ -19,7 +19,6 @@ ideal the loop delivers. With an i.i.d. per-token acceptance α, n̄ = (1 − α
 from __future__ import annotations
 
 import math
-import statistics
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -30,7 +29,7 @@ from layerskip.decoding.sampling import SamplingParams
 from layerskip.decoding.self_speculative import Draft, draft
 from layerskip.decoding.self_speculative import verify as verify_pass
 from layerskip.errors import LayerSkipError
-from layerskip.runtime import clock
+from layerskip.runtime import interleaved_medians
 
 
 @dataclass
@@ -141,18 +140,9 @@ def measure_step_times(model, exit_layer: int, ks, *, context_len: int = 64, rep
 
 
 def _interleaved_medians(pieces, cache, repeats: int, warmup: int, stack) -> dict:
-    """{name: median seconds} over `repeats` rounds after `warmup`, every piece once per round, in turn, so
-    that a slow spell on a shared machine falls on all of them alike (their ratios are what predictions use)."""
-    times = {name: [] for name, _, _ in pieces}
-    for i in range(warmup + repeats):
-        for name, fn, valid in pieces:
-            cache.restore(valid)
-            t0 = clock(stack.device)
-            fn()
-            t1 = clock(stack.device)
-            if i >= warmup:
-                times[name].append(t1 - t0)
-    return {name: statistics.median(values) for name, values in times.items()}
+    """runtime.interleaved_medians, each piece after restoring each layer's valid cache length `valid`."""
+    return interleaved_medians([(name, fn, lambda v=valid: cache.restore(v)) for name, fn, valid in pieces],
+                               repeats, warmup, stack.device)
 
 
 @dataclass
