@@ -84,6 +84,7 @@ class LayerStack:
         self._cos = self._sin = None
         self._sub = None  # (vocab ids, head weight version, head rows, bias rows) of the last draft vocabulary
         self.step_costs: dict = {}  # decoding/auto.py's measured pass costs, by draft vocabulary size
+        self.static_decoders: dict = {}  # decoding/static.py's compiled decoders, by shape and settings
 
     @property
     def device(self) -> torch.device:
@@ -114,7 +115,8 @@ class LayerStack:
         return exit_logits(h, self.norm, weight, bias,
                            lambda x, w, b: matmul(x, w, b, kernel, self.packed))
 
-    def run(self, h: torch.Tensor, start: int, end: int, cache: KVCache, pos, taps: dict | None = None) -> torch.Tensor:
+    def run(self, h: torch.Tensor, start: int, end: int, cache: KVCache, pos, taps: dict | None = None,
+            whole_cache: bool = False) -> torch.Tensor:
         """Apply layers [start, end) to h (B, T, H) whose first token is at position `pos`.
 
         `pos` is an int (every row starts there: batch 1, or rows in lockstep) or a (B,) LongTensor of per-row
@@ -123,6 +125,9 @@ class LayerStack:
         Writes K/V of these layers at those positions of `cache`; returns (B, T, H).
         taps: {e: list} for exit layers e in (start, end): the hidden state after the first e layers is appended
             to taps[e] (self-tuning measures other exits' drafts with them, decoding/auto.py).
+        whole_cache: with a tensor `pos`, attend over the cache's whole length (keys past a row's position
+            masked) instead of up to the furthest row's: every shape fixed and no host sync, for the static path
+            (decoding/static.py).
         """
         B, T = h.shape[:2]
         g = route(self.kernels, B * T)
@@ -133,7 +138,8 @@ class LayerStack:
         else:
             positions = pos[:, None] + torch.arange(T, device=pos.device)  # (B, T)
             cos, sin = self._cos[positions][:, None], self._sin[positions][:, None]  # (B, 1, T, D)
-            end_pos = int(positions.max()) + 1  # keys [0, end_pos) cover every row's queries
+            # keys [0, end_pos) cover every row's queries
+            end_pos = cache.max_len if whole_cache else int(positions.max()) + 1
             make_mask = lambda window: _row_attention_mask(positions, end_pos, window)
             write = lambda i, k, v: cache.write_rows(i, positions, k, v, end_pos)  # (B, Hkv, end_pos, D)
         masks: dict[int | None, torch.Tensor | None] = {}

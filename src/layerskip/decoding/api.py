@@ -18,6 +18,7 @@ from layerskip.decoding.batch import Row, decode_batch
 from layerskip.decoding.config import STRATEGIES, DecodeConfig, ResolvedConfig
 from layerskip.decoding.result import GenerationResult, GenerationStats, Timer
 from layerskip.decoding.self_speculative import decode_self_speculative
+from layerskip.decoding.static import capacity_for, decode_static, static_decoder
 from layerskip.decoding.stopping import StopChecker
 from layerskip.errors import LayerSkipError
 from layerskip.forward import LayerStack
@@ -136,6 +137,10 @@ def generate(model, input_ids, config: DecodeConfig | None = None, *, attention_
                 lossless). None: the model's stored list (draft_vocab.json, from `layerskip train`), else the
                 full vocabulary; 0: the full vocabulary; N: the N most frequent stored ids; or a list of ids.
             max_new_tokens: the most new tokens (exact: never exceeded).
+            compile: the static-shape path (decoding/static.py): every round one fixed-shape function, through
+                torch.compile, and on a GPU captured as a CUDA graph; greedy, with a fixed exit layer and no
+                confidence threshold. The first call with a shape compiles (stats.compile_s, outside total_s);
+                later calls on the same engine (`prepare`) replay it.
             do_sample, temperature, top_k, top_p, seed: sampling; greedy when do_sample is False.
             eos_token_id: stop ids; default the model's generation_config.eos_token_id.
             stop_strings: stop when the new text contains one; `text` is cut before it. Needs `tokenizer`.
@@ -215,6 +220,7 @@ def decode_many(stack: LayerStack, prompts: list[list[int]], cfg: ResolvedConfig
     for b, ids in enumerate(prompts):
         check_prompt(stack, ids, cfg, f"prompt {b}")
     rows = [new_row(stack, cfg, b, ids, tokenizer, seed_offset=b) for b, ids in enumerate(prompts)]
+    decoder = _compiled(stack, cfg, rows)
     t0 = time.perf_counter()
 
     def emitted(b: int, ids: list[int]) -> None:
@@ -223,7 +229,10 @@ def decode_many(stack: LayerStack, prompts: list[list[int]], cfg: ResolvedConfig
         if on_tokens:
             on_tokens(b, ids)
 
-    if cfg.max_new_tokens > 0:
+    if decoder is not None:
+        with torch.inference_mode(), attention_backends(stack.device):
+            decode_static(decoder, rows, on_tokens=emitted)
+    elif cfg.max_new_tokens > 0:
         with torch.inference_mode(), attention_backends(stack.device):
             decode_batch(stack, list(rows), strategy=cfg.strategy, exit_layer=cfg.exit_layer,
                          num_speculations=cfg.num_speculations, draft_vocab=cfg.draft_vocab_tensor(stack.device),
@@ -234,6 +243,24 @@ def decode_many(stack: LayerStack, prompts: list[list[int]], cfg: ResolvedConfig
         r.stats.total_s, r.stats.num_new_tokens = total, len(r.generated)  # the batch's time: rows share it
         results.append(GenerationResult(r.generated, final_text(tokenizer, r.stopper, r.generated), r.stats))
     return results
+
+
+def _compiled(stack: LayerStack, cfg: ResolvedConfig, rows: list[Row]):
+    """The static-shape decoder for these rows, compiled (and captured) before the clock starts, its time in each
+    row's stats.compile_s; None unless cfg.compile (or when there is nothing to decode)."""
+    if not cfg.compile or cfg.max_new_tokens == 0:
+        return None
+    speculative = cfg.strategy == "self_speculative"
+    d = cfg.num_speculations if speculative else None
+    with torch.inference_mode(), attention_backends(stack.device):
+        decoder = static_decoder(stack, rows=len(rows), capacity=capacity_for([len(r.pending) for r in rows],
+                                 cfg.max_new_tokens, d), num_layers=cfg.exit_layer or stack.num_layers,
+                                 num_speculations=d, vocab=cfg.draft_vocab_tensor(stack.device) if speculative
+                                 else None)
+        seconds = decoder.warm_up()
+    for r in rows:
+        r.stats.compile_s, r.stats.matmul_kernels = seconds, None  # the compiler chose the kernels
+    return decoder
 
 
 def decode(stack: LayerStack, prompt: torch.Tensor, cfg: ResolvedConfig, *, tokenizer=None, streamer=None,
@@ -247,10 +274,15 @@ def decode(stack: LayerStack, prompt: torch.Tensor, cfg: ResolvedConfig, *, toke
             f"prompt ({T} tokens) + max_new_tokens ({cfg.max_new_tokens}) exceeds the model's "
             f"{stack.max_positions} positions; shorten the prompt or lower max_new_tokens"
         )
+    if cfg.compile and timings:
+        raise LayerSkipError("timings=True splits the eager path's phases; with compile=True a round is one "
+                             "graph (stats.compile_s and total_s are reported)")
     stopper = StopChecker(cfg.max_new_tokens, cfg.eos_token_id, cfg.stop_strings, tokenizer)
     stats = _new_stats(stack, cfg, T)
     generator = _new_generator(stack, cfg)
     on_tokens, finish = _streaming_callback(streamer, prompt)
+    row = Row(0, prompt[0].tolist(), stopper, stats, cfg.sampling, generator)
+    decoder = _compiled(stack, cfg, [row])
     t0 = time.perf_counter()
 
     def emitted(ids: list[int]) -> None:  # the tokens are on the host already: reading the clock costs no sync
@@ -264,6 +296,9 @@ def decode(stack: LayerStack, prompt: torch.Tensor, cfg: ResolvedConfig, *, toke
     with torch.inference_mode(), attention_backends(stack.device):
         if cfg.max_new_tokens == 0:
             tokens = []
+        elif decoder is not None:
+            decode_static(decoder, [row], on_tokens=lambda _, ids: emitted(ids))
+            tokens = row.generated
         elif speculative:
             tokens = decode_self_speculative(stack, prompt, exit_layer=cfg.exit_layer,
                                              num_speculations=cfg.num_speculations, params=cfg.sampling,

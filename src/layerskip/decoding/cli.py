@@ -37,6 +37,14 @@ def add_decoding_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None, help="with --sample: a reproducible stream")
     p.add_argument("--stop", action="append", default=None, metavar="STRING", type=_unescape,
                    help="stop string (repeatable; \\n and \\t are read as newline and tab); the output is cut before it")
+    add_compile_arg(p)
+
+
+def add_compile_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--compile", action="store_true",
+                   help="the static-shape path: each round one fixed-shape function through torch.compile (and a CUDA "
+                        "graph on a GPU); greedy, a fixed exit layer, no confidence threshold; compile time is "
+                        "reported apart")
 
 
 def exit_layer_arg(text: str):
@@ -118,6 +126,8 @@ def stats_line(stats) -> str:
              f"{stats.tokens_per_second:.1f} tokens/s"]
     if stats.exit_layer is not None:
         parts.append(f"exit layer {stats.exit_layer}")
+    if stats.compile_s is not None:
+        parts.append(f"compiled ({stats.compile_s:.1f} s compiling, not counted)" if stats.compile_s else "compiled")
     if stats.strategy == "self_speculative":
         rate = "-" if stats.acceptance_rate is None else f"{stats.acceptance_rate:.2f}"
         per_round = "-" if stats.tokens_per_round is None else f"{stats.tokens_per_round:.2f}"
@@ -162,7 +172,8 @@ def decode_config(args, **overrides):
     fields = dict(strategy=args.strategy, exit_layer=args.exit_layer, num_speculations=args.num_speculations,
                   confidence_threshold=args.confidence_threshold, draft_vocab=args.draft_vocab,
                   max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
-                  top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_strings=tuple(args.stop or ()))
+                  top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_strings=tuple(args.stop or ()),
+                  compile=args.compile)
     fields.update(overrides)
     return DecodeConfig(**fields)
 

@@ -64,7 +64,8 @@ class DecodeConfig:
     confidence_threshold C in [0, 1) (self-speculative adaptive draft length), draft_vocab (None: stored list or
     full; 0: full; N: the N most frequent stored ids; a tuple of ids), do_sample / temperature (> 0, finite) /
     top_k (>= 0, 0 = off) / top_p (in (0, 1]), seed, max_new_tokens (>= 0), stop_strings, eos_token_id
-    (default: the model's generation config).
+    (default: the model's generation config), compile (the static-shape path, decoding/static.py: torch.compile,
+    and a CUDA graph per round on a GPU; greedy, a fixed exit layer, no confidence threshold).
     """
 
     strategy: str = "autoregressive"
@@ -80,6 +81,7 @@ class DecodeConfig:
     seed: int | None = None
     stop_strings: tuple[str, ...] = ()
     eos_token_id: tuple[int, ...] | None = None
+    compile: bool = False
 
     def __post_init__(self):
         set_ = lambda name, value: object.__setattr__(self, name, value)  # frozen: normalise in place, once
@@ -122,6 +124,8 @@ class DecodeConfig:
             raise LayerSkipError(f"top_p must be a number in (0, 1], got {self.top_p!r}")
         if self.seed is not None and not _is_int(self.seed):
             raise LayerSkipError(f"seed must be an integer, got {self.seed!r}")
+        if not isinstance(self.compile, bool):
+            raise LayerSkipError(f"compile must be True or False, got {self.compile!r}")
         v = self.draft_vocab
         if v is not None and not (_is_int(v) and v >= 0 or isinstance(v, tuple)):
             raise LayerSkipError(f"draft_vocab must be None, an integer >= 0 or a list of token ids, got {v!r}")
@@ -172,17 +176,23 @@ class DecodeConfig:
             threshold = self.confidence_threshold
             if threshold is None:
                 threshold = stored.get("confidence_threshold") or 0.0
+                if self.compile and threshold and warn:
+                    warnings.warn(f"not using the model's stored confidence threshold {threshold}: compile=True "
+                                  f"drafts {num_speculations} tokens every round", LayerSkipWarning, stacklevel=3)
+                threshold = 0.0 if self.compile else threshold
             stored_vocab = getattr(model, "draft_vocab_ids", None)
             vocab = draft_vocabulary.resolve(stored_vocab, list(self.draft_vocab) if isinstance(
                 self.draft_vocab, tuple) else self.draft_vocab, model.get_output_embeddings().weight.shape[0], "cpu")
             vocab = None if vocab is None else tuple(vocab.tolist())
+        if self.compile:
+            _check_compilable(self, exit_layer, threshold)
         eos = self.eos_token_id
         if eos is None:
             eos = tuple(eos_ids(model))
         return ResolvedConfig(strategy=self.strategy, exit_layer=exit_layer, num_speculations=num_speculations,
                               confidence_threshold=float(threshold) if threshold is not None else None,
                               draft_vocab=vocab, max_new_tokens=self.max_new_tokens, sampling=self.sampling,
-                              seed=self.seed, stop_strings=self.stop_strings, eos_token_id=eos)
+                              seed=self.seed, stop_strings=self.stop_strings, eos_token_id=eos, compile=self.compile)
 
     def replace(self, **changes) -> "DecodeConfig":
         return replace(self, **changes)
@@ -204,9 +214,22 @@ class ResolvedConfig:
     seed: int | None = None
     stop_strings: tuple[str, ...] = ()
     eos_token_id: tuple[int, ...] = ()
+    compile: bool = False
 
     def draft_vocab_tensor(self, device) -> torch.Tensor | None:
         return None if self.draft_vocab is None else torch.tensor(self.draft_vocab, dtype=torch.long, device=device)
+
+
+def _check_compilable(cfg: DecodeConfig, exit_layer, threshold) -> None:
+    """compile=True runs fixed-shape greedy rounds (decoding/static.py): name what it cannot do."""
+    if cfg.do_sample:
+        raise LayerSkipError("compile=True decodes greedily; sampling (do_sample) runs without --compile")
+    if exit_layer == AUTO:
+        raise LayerSkipError("compile=True needs a fixed exit layer (give exit_layer / --exit-layer E); "
+                             "exit_layer 'auto' runs without --compile")
+    if threshold:
+        raise LayerSkipError("compile=True drafts a fixed number of tokens per round; the confidence threshold "
+                             "(a data-dependent draft length) runs without --compile")
 
 
 def eos_ids(model, tokenizer=None) -> list[int]:

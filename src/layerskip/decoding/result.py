@@ -34,6 +34,7 @@ class GenerationStats:
     prefill_s: float | None = None  # timings=True, autoregressive / early exit: the prompt's forward pass
     draft_s: float | None = None  # timings=True, self-speculative: drafting (the prompt's early layers included)
     verify_s: float | None = None  # timings=True, self-speculative: verification (the prompt's late layers too)
+    compile_s: float | None = None  # compile=True: compiling / capturing before decoding (0 when reused; not in total_s)
     rounds: int = 0
     drafted: int = 0
     accepted: int = 0

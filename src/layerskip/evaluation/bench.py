@@ -42,6 +42,7 @@ from layerskip.runtime import clock
 OURS = ("autoregressive", "early_exit", "self_speculative")
 SELF_TUNING = "self_speculative_auto"  # self-speculative with exit_layer="auto", beside the fixed-E one
 TRANSFORMERS = ("transformers_greedy", "transformers_early_exit")
+COMPILED = "_compiled"  # with compile=True: our fixed-E strategies again on the static-shape path (decoding/static.py)
 
 
 @dataclass
@@ -65,6 +66,7 @@ class StrategyResult:
     draft_vocab_size: int | None = None
     per_sequence_tokens_per_second: float | None = None  # batch_size > 1: what one sequence sees, mean over rows
     choices: str | None = None  # exit_layer "auto": the exit layers and draft lengths its rounds chose
+    compile_s: float | None = None  # compiled strategies: seconds spent compiling / capturing, not in total_s
 
 
 @dataclass
@@ -131,7 +133,7 @@ def run_bench(model, tokenizer, task: Task, *, strategies=OURS, exit_layer: int 
               num_speculations: int | None = None, confidence_threshold: float | None = None, draft_vocab=None,
               max_new_tokens: int = 128, compare_transformers: bool = False, warmup: bool = True, score: bool = True,
               predict: bool = True, model_name: str = "", progress: bool = True, engine=None,
-              batch_size: int = 1) -> BenchReport:
+              batch_size: int = 1, compile: bool = False) -> BenchReport:
     """Time `strategies` over `task.samples` (batch size 1, greedy) and score their completions.
 
     Args:
@@ -151,6 +153,9 @@ def run_bench(model, tokenizer, task: Task, *, strategies=OURS, exit_layer: int 
         batch_size: decode the prompts B at a time (our strategies only; decoding/batch.py). A row's time is its
             batch's time shared out, so tokens/s is the total throughput; `per_sequence_tokens_per_second` is
             what one sequence sees (its tokens / its batch's seconds).
+        compile: also time each of our fixed-E strategies on the static-shape path ("<strategy>_compiled",
+            `generate(compile=True)`: no confidence threshold there); compile time is kept out of the timings
+            and reported as compile_s.
     Returns:
         BenchReport.
     """
@@ -172,6 +177,15 @@ def run_bench(model, tokenizer, task: Task, *, strategies=OURS, exit_layer: int 
         raise LayerSkipError(f"exit layer 'auto' is for self-speculative decoding; {fixed[0].replace('_', '-')} "
                              "needs a fixed --exit-layer (or leave it out of --strategies)")
     configs = {s: _strategy_config(s, spec) for s in strategies if s not in TRANSFORMERS}
+    if compile:
+        if E == AUTO and "self_speculative" in configs:
+            raise LayerSkipError("--compile needs a fixed exit layer for self-speculative decoding: give "
+                                 "--exit-layer E (exit layer 'auto' runs eagerly only)")
+        twins = {s + COMPILED: c.replace(compile=True, confidence_threshold=0.0 if c.strategy == "self_speculative"
+                                         else None) for s, c in configs.items() if c.exit_layer != AUTO}
+        configs.update(twins)
+        strategies = [s for s in strategies if s not in TRANSFORMERS] + list(twins) + [
+            s for s in strategies if s in TRANSFORMERS]
     prompts = [encode_prompt(tokenizer, s, model, max_new_tokens) for s in task.samples]
     cut = sum(len(tokenizer(s.prompt).input_ids) > len(p) for s, p in zip(task.samples, prompts))
     if cut:
@@ -241,7 +255,7 @@ def _bench_batched(engine, tokenizer, task: Task, prompts, configs: dict, batch_
         cfg = configs[strategy].replace(max_new_tokens=max_new_tokens, stop_strings=stop_strings)
         t0 = clock(engine.device)
         outs = generate(engine, [prompts[i] for i in rows], cfg, tokenizer=tokenizer)
-        seconds = clock(engine.device) - t0
+        seconds = clock(engine.device) - t0 - (outs[0].stats.compile_s or 0.0)
         return [_Run(o.token_ids, o.text, seconds / len(rows), o.stats) for o in outs]
 
     if warmup:
@@ -293,7 +307,7 @@ def _strategy_config(strategy: str, spec) -> DecodeConfig:
 def _generate(engine, tokenizer, prompt, config: DecodeConfig) -> _Run:
     t0 = clock(engine.device)
     out = generate(engine, prompt, config, tokenizer=tokenizer)
-    seconds = clock(engine.device) - t0
+    seconds = clock(engine.device) - t0 - (out.stats.compile_s or 0.0)  # a first call's compiling is not decoding
     return _Run(out.token_ids, out.text, seconds, out.stats)
 
 
@@ -385,7 +399,8 @@ def encode_prompt(tokenizer, sample: Sample, model, max_new_tokens: int) -> list
 # ------------------------------------------------------------------------------- summarizing
 
 
-def _summarize(strategy, runs: list[_Run], baseline: list[_Run], E, d, times) -> StrategyResult:
+def _summarize(name, runs: list[_Run], baseline: list[_Run], E, d, times) -> StrategyResult:
+    strategy = name.removesuffix(COMPILED)
     tokens = sum(len(r.token_ids) for r in runs)
     seconds = sum(r.seconds for r in runs)
     tps = tokens / seconds if seconds > 0 else 0.0
@@ -394,7 +409,7 @@ def _summarize(strategy, runs: list[_Run], baseline: list[_Run], E, d, times) ->
     base_tps = base_tokens / base_seconds if base_seconds > 0 else 0.0
     match = sum(r.token_ids == b.token_ids for r, b in zip(runs, baseline)) / len(runs)
     result = StrategyResult(
-        strategy=strategy,
+        strategy=name,
         exit_layer=E if strategy in ("early_exit", "self_speculative", "transformers_early_exit") else None,
         num_speculations=d if strategy in ("self_speculative", "transformers_early_exit") else None,
         tokens_per_second=tps, ms_per_token=1000.0 / tps if tps > 0 else None,
@@ -403,6 +418,9 @@ def _summarize(strategy, runs: list[_Run], baseline: list[_Run], E, d, times) ->
     )
     if strategy == SELF_TUNING:
         result.exit_layer, result.num_speculations = AUTO, None
+    if name != strategy:
+        result.compile_s = sum(r.stats.compile_s or 0.0 for r in runs)
+        times = None  # the cost model times the eager path
     if result.exit_layer == AUTO:
         result.choices = auto_summary(sum((r.stats.exit_layer_per_round for r in runs), []),
                                       sum((r.stats.speculations_per_round for r in runs), []))
@@ -483,6 +501,9 @@ def format_table(report: BenchReport) -> str:
     for r in report.results:
         if r.choices:
             lines.append(f"{r.strategy.replace('_', '-')} chose: {r.choices}")
+    for r in report.results:
+        if r.compile_s is not None:
+            lines.append(f"{r.strategy.replace('_', '-')}: {r.compile_s:.1f} s compiling, not in its timings")
     for r in report.results:
         if r.strategy != "self_speculative" or not (r.confidence_threshold or r.draft_vocab_size):
             continue

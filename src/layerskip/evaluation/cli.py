@@ -34,6 +34,9 @@ def add_parser(subparsers) -> None:
                        help="also time transformers' greedy generate() and generate(assistant_early_exit=E)")
     bench.add_argument("--batch-size", type=int, default=1, metavar="B",
                        help="decode the prompts B at a time (our strategies; reports total and per-sequence tokens/s)")
+    bench.add_argument("--compile", action="store_true",
+                       help="also time our fixed-E strategies on the static-shape path (torch.compile, CUDA graphs on "
+                            "a GPU; no confidence threshold there): rows '<strategy>-compiled', compile time apart")
     bench.add_argument("--no-metrics", action="store_true", help="skip scoring (pass@1, ROUGE, exact match)")
     bench.add_argument("--json", metavar="FILE", help="write the report as JSON")
     bench.add_argument("--choices-plot", metavar="PNG",
@@ -134,7 +137,8 @@ def cmd_bench(args) -> int:
                        num_speculations=args.num_speculations, confidence_threshold=args.confidence_threshold,
                        draft_vocab=args.draft_vocab, max_new_tokens=args.max_new_tokens,
                        compare_transformers=args.compare_transformers, score=not args.no_metrics,
-                       model_name=args.model or "default", engine=engine, batch_size=args.batch_size)
+                       model_name=args.model or "default", engine=engine, batch_size=args.batch_size,
+                       compile=args.compile)
     print(format_table(report))
     if args.choices_plot:
         from layerskip.evaluation.plots import plot_auto_choices
