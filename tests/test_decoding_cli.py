@@ -61,6 +61,10 @@ def test_prompt_from_stdin(tiny_checkpoint):
     (["--strategy", "self-speculative", "--confidence-threshold", "1"], "confidence_threshold must be a number in [0, 1)"),
     (["--strategy", "self-speculative", "--draft-vocab", "-2"], "draft_vocab must be None, an integer >= 0"),
     (["--strategy", "self-speculative", "--draft-vocab", "100"], "needs a model trained by `layerskip train`"),
+    (["--compile", "--sample"], "compile=True decodes greedily"),
+    (["--compile", "--strategy", "self-speculative", "--exit-layer", "auto"], "compile=True needs a fixed exit layer"),
+    (["--compile", "--strategy", "self-speculative", "--exit-layer", "2", "--confidence-threshold", "0.5"],
+     "the confidence threshold"),
 ])
 def test_bad_options(tiny_checkpoint, capsys, args, message):
     code, out, err = run_cli(["generate", "--model", str(tiny_checkpoint), "--prompt", "x"] + args, capsys)

@@ -12,6 +12,9 @@ from layerskip.errors import LayerSkipError
 from layerskip.testing import make_random_model
 
 LENGTHS = [6, 1, 13, 4]
+# the suite's compiled model and drafting (tests/evaluation/test_bench.py compiles the same graphs: inductor's cache)
+COMPILED_MODEL = dict(arch="llama", num_layers=2, hidden_size=32, num_heads=2, vocab_size=320, seed=0)
+COMPILED_DRAFT_VOCAB = list(range(0, 320, 2))
 ARCHS = ["llama", "llama-tied", "mistral", "qwen2", "qwen3", "mistral-window"]
 SETTINGS = [("autoregressive", {}), ("early_exit", dict(exit_layer=2)),
             ("self_speculative", dict(exit_layer=2, num_speculations=3)),
@@ -102,11 +105,11 @@ def test_traced_as_one_graph_that_never_recompiles(tiny_models, name):
 
 def test_compiled_generate_matches_and_reuses_its_compile():
     """The suite's one inductor compile: a small model, self-speculative with a draft vocabulary."""
-    model = make_random_model("llama", num_layers=2, hidden_size=32, num_heads=2, vocab_size=128, seed=0)
+    model = make_random_model(**COMPILED_MODEL)
     engine = layerskip.prepare(model)
     ids = [5, 7, 9, 11, 3, 2]
     reference = layerskip.generate(engine, ids, max_new_tokens=20, eos_token_id=[]).token_ids
-    kw = dict(strategy="self_speculative", exit_layer=1, num_speculations=2, draft_vocab=list(range(0, 128, 2)),
+    kw = dict(strategy="self_speculative", exit_layer=1, num_speculations=2, draft_vocab=COMPILED_DRAFT_VOCAB,
               max_new_tokens=20, eos_token_id=[], compile=True)
     first = layerskip.generate(engine, ids, **kw)
     assert first.token_ids == reference

@@ -107,3 +107,28 @@ def test_self_tuning_runs_beside_the_fixed_exit_layer(tiny_exact, tokenizer, pro
 def test_auto_exit_layer_refuses_early_exit(tiny_exact, tokenizer, prompts_task):
     with pytest.raises(LayerSkipError, match="early-exit needs a fixed --exit-layer"):
         run_bench(tiny_exact, tokenizer, prompts_task, exit_layer="auto", max_new_tokens=4, progress=False)
+
+
+def test_compile_times_compiled_twins_and_keeps_compiling_apart(tokenizer, prompts_task):
+    """The same model and drafting as tests/test_static.py's compiled test (inductor's cache shares the graphs)."""
+    from layerskip.testing import make_random_model
+
+    model = make_random_model("llama", num_layers=2, hidden_size=32, num_heads=2, vocab_size=320, seed=0)
+    report = run_bench(model, tokenizer, prompts_task, strategies="self-speculative", exit_layer=1,
+                       num_speculations=2, draft_vocab=list(range(0, 320, 2)), max_new_tokens=20, compile=True,
+                       score=False, progress=False)
+    names = [r.strategy for r in report.results]
+    assert names == ["autoregressive", "self_speculative", "autoregressive_compiled", "self_speculative_compiled"]
+    for r in report.results:
+        assert r.match_rate == 1.0 and r.tokens_per_second > 0
+        assert (r.compile_s is not None) == r.strategy.endswith("_compiled")
+    twin = report.result("self_speculative_compiled")
+    assert twin.compile_s > 0 and twin.exit_layer == 1 and twin.num_speculations == 2
+    assert twin.acceptance_rate == pytest.approx(report.result("self_speculative").acceptance_rate, abs=0.2)
+    assert "self-speculative-compiled" in format_table(report) and "s compiling" in format_table(report)
+
+
+def test_compile_needs_a_fixed_exit_layer(tiny, tokenizer, prompts_task):
+    with pytest.raises(LayerSkipError, match="--compile needs a fixed exit layer"):
+        run_bench(tiny, tokenizer, prompts_task, strategies="self-speculative", exit_layer="auto", compile=True,
+                  max_new_tokens=4, progress=False)

@@ -206,9 +206,9 @@ def run_bench(model, tokenizer, task: Task, *, strategies=OURS, exit_layer: int 
             raise LayerSkipError("--batch-size > 1 times our strategies only; drop --compare-transformers")
         return _bench_batched(engine, tokenizer, task, prompts, configs, batch_size, max_new_tokens, warmup, score,
                               model_name, progress)
-    if warmup:  # full length: every cache length the timed runs will see (GPU kernels, allocator)
-        for strategy in strategies:
-            call(strategy, 0, max_new_tokens)
+    warm: dict[str, list[_Run]] = {}
+    if warmup:  # full length: every cache length the timed runs will see (GPU kernels, allocator, compiling)
+        warm = {strategy: [call(strategy, 0, max_new_tokens)] for strategy in strategies}
     runs: dict[str, list[_Run]] = {s: [] for s in strategies}
     bar = _progress(len(prompts) * len(strategies), progress, f"bench {task.name}")
     for i in range(len(prompts)):
@@ -223,6 +223,7 @@ def run_bench(model, tokenizer, task: Task, *, strategies=OURS, exit_layer: int 
     if predict and E != AUTO and any(s in strategies for s in ("early_exit", "self_speculative")):
         times = _measure_costs(engine, E, runs.get("self_speculative"), prompts, max_new_tokens, spec)
     results = [_summarize(s, runs[s], runs["autoregressive"], E, d, times) for s in strategies]
+    _add_warmup_compiling(results, warm)
     if score:
         bar = _progress(len(strategies), progress, "scoring")
         for r in results:
@@ -258,9 +259,7 @@ def _bench_batched(engine, tokenizer, task: Task, prompts, configs: dict, batch_
         seconds = clock(engine.device) - t0 - (outs[0].stats.compile_s or 0.0)
         return [_Run(o.token_ids, o.text, seconds / len(rows), o.stats) for o in outs]
 
-    if warmup:
-        for strategy in strategies:
-            call(strategy, batches[0])
+    warm = {strategy: call(strategy, batches[0]) for strategy in strategies} if warmup else {}
     runs: dict[str, list[_Run]] = {s: [] for s in strategies}
     per_sequence: dict[str, list[float]] = {s: [] for s in strategies}
     bar = _progress(len(batches) * len(strategies), progress, f"bench {task.name} (batch {batch_size})")
@@ -279,6 +278,7 @@ def _bench_batched(engine, tokenizer, task: Task, prompts, configs: dict, batch_
         r = _summarize(s, runs[s], runs["autoregressive"], cfg.exit_layer, cfg.num_speculations, None)
         r.per_sequence_tokens_per_second = (sum(per_sequence[s]) / len(per_sequence[s])) if per_sequence[s] else None
         results.append(r)
+    _add_warmup_compiling(results, warm)
     if score:
         for r in results:
             r.metrics = task.score([run.text for run in runs[r.strategy]])
@@ -287,6 +287,13 @@ def _bench_batched(engine, tokenizer, task: Task, prompts, configs: dict, batch_
                        completions={s: [r.text for r in rs] for s, rs in runs.items()},
                        token_ids={s: [r.token_ids for r in rs] for s, rs in runs.items()},
                        stats={s: [r.stats for r in rs] for s, rs in runs.items()})
+
+
+def _add_warmup_compiling(results: list[StrategyResult], warm: dict[str, list[_Run]]) -> None:
+    """A compiled strategy's compile_s also counts what its warm-up runs compiled (most of it)."""
+    for r in results:
+        if r.compile_s is not None:
+            r.compile_s += sum(w.stats.compile_s or 0.0 for w in warm.get(r.strategy, [])[:1])
 
 
 def _strategy_config(strategy: str, spec) -> DecodeConfig:
