@@ -161,18 +161,19 @@ def matching_prefix(a: list[int], b: list[int]) -> int:
 
 
 def fp32_check(args) -> dict:
-    """fp32, the same model: eager autoregressive vs the captured static path (no compile), every d."""
+    """fp32, the same model: eager autoregressive vs the static path without compile (captured as CUDA graphs on a
+    GPU; `_static`), every d."""
     model = build_model(args.shape, args.exit_layer, args.device, torch.float32)
     engine = layerskip.prepare(model)
     ids = prompt_ids(args)
     n, E = args.max_new_tokens, args.exit_layer
     reference = layerskip.generate(engine, ids, max_new_tokens=n, eos_token_id=[]).token_ids
-    out = {"ours_autoregressive_graphs": ours_static(engine, ids, n, compile=False)() == reference}
+    out = {"ours_autoregressive_static": ours_static(engine, ids, n, compile=False)() == reference}
     for d in args.speculations:
         out[f"ours_self_speculative_d{d}"] = layerskip.generate(
             engine, ids, max_new_tokens=n, eos_token_id=[], strategy="self_speculative", exit_layer=E,
             num_speculations=d, confidence_threshold=0.0, draft_vocab=0).token_ids == reference
-        out[f"ours_self_speculative_d{d}_graphs"] = ours_static(engine, ids, n, exit_layer=E, d=d,
+        out[f"ours_self_speculative_d{d}_static"] = ours_static(engine, ids, n, exit_layer=E, d=d,
                                                                compile=False)() == reference
     del model, engine
     if torch.device(args.device).type == "cuda":
