@@ -15,13 +15,13 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --tar
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 # 1. The 1B-shaped model, bf16: every contender, compile / capture time apart, results written after each repetition.
-timeout 400 python3 benchmarks/static_speed.py --shape 1b --device cuda --dtype bfloat16 --fp32-check \
-  --budget-s 370 --repeats 3 --json $OUT/static_1b_bf16.json > $OUT/static_1b.log 2>&1 \
+timeout 380 python3 benchmarks/static_speed.py --shape 1b --device cuda --dtype bfloat16 --fp32-check \
+  --budget-s 350 --repeats 3 --json $OUT/static_1b_bf16.json > $OUT/static_1b.log 2>&1 \
   || echo "static_speed stopped: $(tail -3 $OUT/static_1b.log)"
 grep -E "^(fp32|prepared|skipping|repeat)" $OUT/static_1b.log
 # 2. The built-in model on HumanEval prompts: autoregressive and self-speculative, eager and compiled (no confidence
 #    threshold on either, so the two paths draft alike).
-timeout 150 python3 -m layerskip bench --device cuda --dtype bfloat16 --task humaneval --limit 16 \
+timeout 170 python3 -m layerskip bench --device cuda --dtype bfloat16 --task humaneval --limit 8 \
   --strategies autoregressive,self-speculative --confidence-threshold 0 --compile --no-metrics \
   --max-new-tokens 128 --json $OUT/bench_builtin_humaneval_bf16.json > $OUT/bench_builtin.log 2>&1 \
   || echo "bench stopped: $(tail -3 $OUT/bench_builtin.log)"
