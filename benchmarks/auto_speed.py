@@ -112,14 +112,11 @@ def real_model(args) -> dict:
 
 
 def synthetic(args) -> dict:
-    from layerskip.testing import make_random_model
+    from layerskip.testing import make_exact_from, make_random_model
 
     model = make_random_model("llama", num_layers=16, hidden_size=768, intermediate_size=2048, num_heads=12,
                               vocab_size=32000, max_position_embeddings=2048, seed=0)
-    with torch.no_grad():
-        for layer in model.model.layers[4:]:
-            layer.self_attn.o_proj.weight.zero_()
-            layer.mlp.down_proj.weight.zero_()
+    make_exact_from(model, 4)
     engine = layerskip.prepare(model, tune=True)
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, 32000, (64,), generator=g).tolist() for _ in range(args.limit)]

@@ -24,16 +24,13 @@ import torch
 import layerskip
 from layerskip.evaluation.cost_model import measure_batch_step_times
 from layerskip.files import write_json
-from layerskip.testing import make_random_model
+from layerskip.testing import make_exact_from, make_random_model
 
 
 def build_model(exit_layer: int) -> torch.nn.Module:
     model = make_random_model("llama", num_layers=16, hidden_size=768, intermediate_size=2048, num_heads=12,
                               vocab_size=32000, max_position_embeddings=2048, seed=0)
-    with torch.no_grad():
-        for layer in model.model.layers[exit_layer:]:
-            layer.self_attn.o_proj.weight.zero_()
-            layer.mlp.down_proj.weight.zero_()
+    make_exact_from(model, exit_layer)
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
     return model.eval()

@@ -42,7 +42,7 @@ import layerskip
 from layerskip.decoding import static
 from layerskip.decoding.api import attention_backends, new_row
 from layerskip.decoding.config import DecodeConfig
-from layerskip.testing import make_random_model
+from layerskip.testing import make_exact_from, make_random_model
 
 RESERVE_S = 120  # budget kept for the timed repetitions: no contender is prepared with less left
 
@@ -58,10 +58,7 @@ def build_model(shape: str, exit_layer: int, device: str, dtype: torch.dtype):
         model = make_random_model("llama", num_layers=layers, hidden_size=width, intermediate_size=mlp,
                                   num_heads=heads, num_kv_heads=kv, vocab_size=vocab, tie_word_embeddings=tied,
                                   max_position_embeddings=4096, seed=0)
-    with torch.no_grad():
-        for layer in model.model.layers[exit_layer:]:
-            layer.self_attn.o_proj.weight.zero_()
-            layer.mlp.down_proj.weight.zero_()
+    make_exact_from(model, exit_layer)
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
     return model.to(dtype=dtype).eval()

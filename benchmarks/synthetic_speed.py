@@ -29,15 +29,13 @@ import torch
 
 import layerskip
 from layerskip.evaluation.cost_model import measure_step_times, predicted_speedup
-from layerskip.testing import make_random_model
+from layerskip.testing import make_exact_from, make_random_model
 
 
 def build_model(exit_layer: int, device: str, dtype: torch.dtype):
     model = make_random_model("llama", num_layers=16, hidden_size=768, intermediate_size=2048, num_heads=12,
                               vocab_size=32000, max_position_embeddings=2048, seed=0)
-    for layer in model.model.layers[exit_layer:]:
-        layer.self_attn.o_proj.weight.data.zero_()
-        layer.mlp.down_proj.weight.data.zero_()
+    make_exact_from(model, exit_layer)
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
     return model.to(device=device, dtype=dtype).eval()

@@ -10,7 +10,7 @@ from layerskip.decoding.result import GenerationStats
 from layerskip.decoding.sampling import SamplingParams
 from layerskip.decoding.self_speculative import run_round
 from layerskip.decoding.stopping import StopChecker
-from layerskip.testing import make_random_model
+from layerskip.testing import make_exact_from, make_random_model
 
 IDS = [5, 17, 42, 9, 88, 3, 61, 23]
 
@@ -20,10 +20,8 @@ def exact_model(exit_layer: int, num_layers: int = 8, seed: int = 0):
     layer below them writes a large output, so exits below exit_layer (which lack it) disagree with the model,
     also where its greedy output loops (there a random model's exits tend to agree)."""
     model = make_random_model("llama", num_layers=num_layers, num_kv_heads=2, seed=seed)
+    make_exact_from(model, exit_layer)
     with torch.no_grad():
-        for layer in model.model.layers[exit_layer:]:
-            layer.self_attn.o_proj.weight.zero_()
-            layer.mlp.down_proj.weight.zero_()
         model.model.layers[exit_layer - 1].mlp.down_proj.weight.mul_(30)
     return model
 

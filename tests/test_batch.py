@@ -4,7 +4,7 @@ import torch
 
 import layerskip
 from layerskip.errors import LayerSkipError
-from layerskip.testing import make_random_model
+from layerskip.testing import make_exact_from, make_random_model
 
 LENGTHS = [1, 7, 23, 40, 3]
 
@@ -16,10 +16,7 @@ def prompts(lengths=LENGTHS, seed=0, vocab=256):
 
 def exact_model(exit_layer=2, seed=1):
     model = make_random_model("llama", num_layers=4, num_kv_heads=2, seed=seed)
-    with torch.no_grad():
-        for layer in model.model.layers[exit_layer:]:
-            layer.self_attn.o_proj.weight.zero_()
-            layer.mlp.down_proj.weight.zero_()
+    make_exact_from(model, exit_layer)
     return model
 
 

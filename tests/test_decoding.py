@@ -5,7 +5,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import layerskip
-from layerskip.testing import make_random_model
+from layerskip.testing import make_exact_from, make_random_model
 
 
 def hf_greedy(model, ids, n, eos=None):
@@ -35,9 +35,7 @@ def prompt(n, seed=0, vocab=256):
 def exact_draft_model(num_layers=6, exit_layer=2, seed=0):
     """Layers >= exit_layer leave the residual stream unchanged: every draft is right."""
     model = make_random_model("llama", num_layers=num_layers, num_kv_heads=2, seed=seed)
-    for layer in model.model.layers[exit_layer:]:
-        layer.self_attn.o_proj.weight.data.zero_()
-        layer.mlp.down_proj.weight.data.zero_()
+    make_exact_from(model, exit_layer)
     return model
 
 

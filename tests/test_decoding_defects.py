@@ -4,22 +4,18 @@ import sys
 import warnings
 
 import pytest
-import torch
 
 import layerskip
 from layerskip.decoding import LayerSkipWarning
 from layerskip.errors import LayerSkipError
-from layerskip.testing import make_random_model
+from layerskip.testing import make_exact_from, make_random_model
 
 IDS = [5, 9, 2, 7, 1, 3]
 
 
 def exact_model(exit_layer=2, seed=1):
     model = make_random_model("llama", num_layers=4, num_kv_heads=2, seed=seed)
-    with torch.no_grad():
-        for layer in model.model.layers[exit_layer:]:
-            layer.self_attn.o_proj.weight.zero_()
-            layer.mlp.down_proj.weight.zero_()
+    make_exact_from(model, exit_layer)
     return model
 
 

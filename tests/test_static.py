@@ -9,7 +9,7 @@ from layerskip.decoding import static
 from layerskip.decoding.api import new_row
 from layerskip.decoding.config import DecodeConfig, LayerSkipWarning
 from layerskip.errors import LayerSkipError
-from layerskip.testing import make_random_model
+from layerskip.testing import make_exact_from, make_random_model
 
 LENGTHS = [6, 1, 13, 4]
 # the suite's compiled model and drafting (tests/evaluation/test_bench.py compiles the same graphs: inductor's cache)
@@ -76,10 +76,7 @@ def test_rows_ending_in_different_rounds_stay_frozen(tiny_models):
 
 def test_exact_drafts_are_all_accepted():
     model = make_random_model("llama", num_layers=4, num_kv_heads=2, seed=1)
-    with torch.no_grad():
-        for layer in model.model.layers[2:]:
-            layer.self_attn.o_proj.weight.zero_()
-            layer.mlp.down_proj.weight.zero_()
+    make_exact_from(model, 2)
     rows = static_decode(model, prompts()[:2], strategy="self_speculative", exit_layer=2, num_speculations=5,
                          max_new_tokens=30, eos_token_id=[])
     for r in rows:

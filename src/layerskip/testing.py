@@ -55,3 +55,13 @@ def make_random_model(
     )
     torch.manual_seed(seed)
     return model_cls(config).eval()
+
+
+def make_exact_from(model, exit_layer: int):
+    """Make layers >= exit_layer identities on the residual stream (o_proj and down_proj zeroed), in place: every
+    draft at exit_layer is then exact (acceptance 1.0), the reference case for self-speculation. Returns model."""
+    with torch.no_grad():
+        for layer in model.model.layers[exit_layer:]:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+    return model

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from layerskip.testing import make_random_model
+from layerskip.testing import make_exact_from, make_random_model
 
 CORPUS = [
     "def add(a, b):\n    return a + b\n",
@@ -44,10 +44,7 @@ def _model(tokenizer, *, num_layers=4, seed=0, exact_from=None):
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
     if exact_from is not None:  # layers >= exact_from leave the residual stream unchanged
-        with torch.no_grad():
-            for layer in model.model.layers[exact_from:]:
-                layer.self_attn.o_proj.weight.zero_()
-                layer.mlp.down_proj.weight.zero_()
+        make_exact_from(model, exact_from)
     return model
 
 
