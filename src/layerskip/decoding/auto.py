@@ -45,6 +45,7 @@ AR = 0  # the key of autoregressive steps among measured speeds
 STEP_WITHIN = 1.3  # try steps (to measure them) where the cost model puts them within 30% of the measured round
 MEASURED_ROUNDS, MEASURED_FOR = 4, 64  # a measured speed counts after 4 rounds at it, for 64 rounds after the last
 REAL_ENOUGH = 8.0  # rounds (weighted) of a layer's own after which its own outcomes replace its shadow estimate
+SHADOW_ENOUGH = 6.0  # probed positions (weighted) a layer needs before a switch to it may rest on its shadows
 _COST_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
@@ -156,10 +157,17 @@ class RunStats:
                 self.success[j] += 1
 
     def rates(self) -> list[float]:
-        """P(run goes on at depth j | it reached j), j = 1..depth, each shrunk towards the pooled rate (itself
-        towards 1/2) by one pseudo-observation, so an unseen depth takes the pooled rate."""
-        pooled = (sum(self.success) + 0.5) / (sum(self.trials) + 1)
-        return [(s + pooled) / (t + 1) for s, t in zip(self.success, self.trials)]
+        """P(run goes on at depth j | it reached j), j = 1..depth, each shrunk by one pseudo-observation towards
+        the rate of the depth before it (depth 1: towards the pooled rate, itself towards 1/2). Depths past the
+        drafts chosen so far are never observed (a round of cap k says nothing about draft k + 1), and in bursty
+        text the rate rises with depth: an unseen depth takes the deepest seen one's rate, not the pooled rate,
+        which would keep d where it happens to be."""
+        prior = (sum(self.success) + 0.5) / (sum(self.trials) + 1)
+        out = []
+        for s, t in zip(self.success, self.trials):
+            prior = (s + prior) / (t + 1)
+            out.append(prior)
+        return out
 
 
 @dataclass
@@ -187,6 +195,7 @@ class AutoPlan:
     start: int
     start_speculations: int | None = None  # d of the warm-up rounds (the model's stored d), else the prior's best
     threshold: float = 0.0
+    stored_start: bool = False  # `start` is the model's stored (tuned) E: left only on evidence (SHADOW_ENOUGH)
     accepted: dict[int, RunStats] = field(default_factory=dict)  # from each layer's own rounds
     confident: dict[int, RunStats] = field(default_factory=dict)
     shadow_accepted: dict[int, RunStats] = field(default_factory=dict)  # from probes
@@ -195,6 +204,7 @@ class AutoPlan:
     exit_layer: int = 0
     measured: dict[tuple[int, int], list] = field(default_factory=dict)  # (E, B) -> [tokens, s, last round, n]
     _others: tuple | None = field(default=None, repr=False)  # (B, {E: (predicted tokens/s, k)}) for other layers
+    _probing: bool = field(default=False, repr=False)  # the round just chosen is a probe round
 
     def __post_init__(self):
         self.exit_layer = min(self.candidates, key=lambda e: abs(e - self.start))
@@ -265,7 +275,10 @@ class AutoPlan:
         return best
 
     def observe_speed(self, E: int, B: int, tokens: int, seconds: float) -> None:
-        """A round's wall time at E (AR: an autoregressive step) for B rows and the tokens it emitted."""
+        """A round's wall time at E (AR: an autoregressive step) for B rows and the tokens it emitted. Probe rounds
+        are not counted: their shadow heads are work an ordinary round at E does not do."""
+        if self._probing:
+            return
         m = self.measured.setdefault((E, B), [0.0, 0.0, 0, 0])
         m[0], m[1], m[2], m[3] = m[0] * SPEED_DECAY + tokens, m[1] * SPEED_DECAY + seconds, self.rounds, m[3] + 1
 
@@ -295,15 +308,28 @@ class AutoPlan:
             here = self._measured(self.exit_layer, B)
             scale = here / current[0] if here else 1.0
             value = lambda E: self._measured(E, B) or self._others[1][E][0] * scale
-            best = max(self._others[1], key=value, default=None)
-            if best is not None and value(best) > (here or current[0]) * SWITCH_GAIN:
+            best = max((E for E in self._others[1] if self._known(E, B)), key=value, default=None)
+            # a prediction must beat the current layer clearly; a layer measured faster lately wins outright
+            gain = 1.0 if here and best is not None and self._measured(best, B) else SWITCH_GAIN
+            if best is not None and value(best) > (here or current[0]) * gain:
                 self.exit_layer, current = best, self._others[1][best]
                 self._others = None
         probes = self._probes(r)
+        self._probing = bool(probes)
         if probes:
             self._others = None  # their estimates are about to change
             return self.exit_layer, current[1], probes
         return self.exit_layer, (0 if self._step_instead(r, B, current[0]) else current[1]), ()
+
+    def _known(self, E: int, B: int) -> bool:
+        """Whether there is evidence enough to leave the current layer for E. Leaving the model's stored E (tuned on
+        held-out prompts) takes a measured speed at E, enough rounds of its own, or enough probed positions: a few
+        warm-up probes of short rounds say little. Any other current layer was a guess or a choice on evidence, and
+        the estimates alone decide."""
+        if not (self.stored_start and self.exit_layer == self.start):
+            return True
+        return (self._measured(E, B) is not None or self.accepted[E].trials[0] >= REAL_ENOUGH
+                or self.shadow_accepted[E].trials[0] >= SHADOW_ENOUGH)
 
     def _step_instead(self, r: int, B: int, predicted: float) -> bool:
         """Whether an autoregressive step beats the current layer's round for B > 1 rows: measured against measured
@@ -341,7 +367,8 @@ def new_plan(stack: LayerStack, vocab: torch.Tensor | None, *, start: int | None
     stored_d = model_defaults(stack.model).get("num_speculations")
     return AutoPlan(costs, stack.num_layers, candidates, d,
                     start if start is not None else candidates[len(candidates) // 2],
-                    stored_d if isinstance(stored_d, int) and stored_d > 0 else None, threshold or 0.0)
+                    stored_d if isinstance(stored_d, int) and stored_d > 0 else None, threshold or 0.0,
+                    stored_start=start is not None and start in candidates)
 
 
 def shadow_outcomes(stack: LayerStack, hidden: dict[int, torch.Tensor], targets: torch.Tensor, spans: list[int],
