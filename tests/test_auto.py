@@ -156,3 +156,41 @@ def test_batched_plan_measures_steps_and_takes_the_faster():
         plan.observe_speed(auto.AR, 4, 4, 0.002)  # steps now measure 2000 tokens/s
     assert plan._step_instead(plan.rounds, 4, predicted=1e9)
     assert not plan._step_instead(plan.rounds, 1, predicted=1e9)  # one row: predicted round 1e9 tok/s wins
+
+
+def test_unseen_depths_take_the_deepest_seen_rate():
+    """Rounds of cap 2 never observe draft 3: its rate follows depth 2's (bursty code raises it with depth), not
+    the pooled rate, so a longer draft is worth trying."""
+    s = auto.RunStats(6)
+    for _ in range(20):
+        s.add([True, True])  # cap 2, both accepted: depth 3 is never reached
+        s.add([False])
+    rates = s.rates()
+    assert rates[1] > 0.9 and rates[0] < 0.6
+    assert all(abs(r - rates[1]) < 0.05 for r in rates[2:])
+
+
+def _plan_with_shadow(stored_start: bool, positions: int):
+    costs = auto.StepCosts(rows=(1, 64), layer=(1e-3, 2e-3), head=(1e-3, 2e-3), draft_head=(1e-4, 2e-4),
+                           fixed=1e-4)
+    plan = auto.AutoPlan(costs, num_layers=8, candidates=(2, 3, 5), max_speculations=4, start=3,
+                         stored_start=stored_start)
+    plan.rounds = auto.WARMUP_ROUNDS
+    plan.accepted[3].add([False])  # the current layer's drafts fail
+    plan.shadow_accepted[3].add([False] * positions, starts=True)
+    plan.shadow_accepted[2].add([False] * positions, starts=True)
+    plan.shadow_accepted[5].add([True] * positions, starts=True)  # another layer's shadows agree
+    return plan
+
+
+def test_a_stored_exit_layer_is_left_only_on_evidence():
+    assert plan_choice(_plan_with_shadow(stored_start=True, positions=3)) == 3  # three probed positions: stay
+    assert plan_choice(_plan_with_shadow(stored_start=True, positions=int(auto.SHADOW_ENOUGH) + 1)) == 5
+    assert plan_choice(_plan_with_shadow(stored_start=False, positions=3)) == 5  # a guessed start: estimates decide
+
+
+def plan_choice(plan) -> int:
+    plan.rounds = auto.WARMUP_ROUNDS + 1  # not a probe round
+    E, _, probes = plan.choose(1)
+    assert not probes
+    return E
