@@ -194,3 +194,20 @@ def plan_choice(plan) -> int:
     E, _, probes = plan.choose(1)
     assert not probes
     return E
+
+
+def test_a_later_generation_starts_where_the_last_one_settled():
+    engine = layerskip.prepare(exact_model(2))
+    first = layerskip.generate(engine, IDS, strategy="self_speculative", exit_layer="auto", max_new_tokens=160,
+                               eos_token_id=[])
+    assert first.stats.exit_layer_per_round[0] != 2  # no stored E: it starts at the middle candidate
+    memory = next(iter(engine.auto_memory.values()))
+    learnt = memory["exit_layer"]
+    assert learnt <= 2
+    other = IDS[::-1] + [7, 7]
+    second = layerskip.generate(engine, other, strategy="self_speculative", exit_layer="auto", max_new_tokens=60,
+                                eos_token_id=[])
+    assert second.stats.exit_layer_per_round[0] == learnt
+    assert second.token_ids == layerskip.generate(engine, other, max_new_tokens=60, eos_token_id=[]).token_ids
+    fresh = auto.new_plan(layerskip.prepare(exact_model(2)), None, start=None, max_speculations=None, max_rows=1)
+    assert fresh.warmup == auto.WARMUP_ROUNDS and engine.auto_memory and len(engine.auto_memory) == 1

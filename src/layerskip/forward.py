@@ -85,6 +85,7 @@ class LayerStack:
         self._sub = None  # (vocab ids, head weight version, head rows, bias rows) of the last draft vocabulary
         self.step_costs: dict = {}  # decoding/auto.py's measured pass costs, by draft vocabulary size
         self.static_decoders: dict = {}  # decoding/static.py's compiled decoders, by shape and settings
+        self.auto_memory: dict = {}  # decoding/auto.py's acceptance estimates, carried from one generation to the next
 
     @property
     def device(self) -> torch.device:

@@ -17,6 +17,9 @@ Terminology as in self_speculative.py. Two things decide which (E, d) is fastest
   speed       each round's wall time: layers are compared by measured tokens per second where one was measured
               lately (the current layer, or one tried before); the others by the cost model's prediction, scaled
               by the current layer's measured / predicted (probed positions are easy ones, which flatter shadows).
+memory      a plan shares its acceptance estimates with the engine (`stack.auto_memory`, by draft vocabulary,
+              threshold and cap): the next generation on the same engine starts at the exit layer the last one
+              chose, after one warm-up round, and its estimates go on from the old ones (they decay per token).
 `AutoPlan.choose` takes the k of the most predicted tokens per second at the current E, or an autoregressive step
 where no round beats it (a batch of many rows on a CPU, or acceptance that has collapsed), and switches E only for
 a clear gain (SWITCH_GAIN). Lossless whatever it chooses: the verifier alone decides what is emitted, every layer's
@@ -205,12 +208,22 @@ class AutoPlan:
     measured: dict[tuple[int, int], list] = field(default_factory=dict)  # (E, B) -> [tokens, s, last round, n]
     _others: tuple | None = field(default=None, repr=False)  # (B, {E: (predicted tokens/s, k)}) for other layers
     _probing: bool = field(default=False, repr=False)  # the round just chosen is a probe round
+    memory: dict | None = field(default=None, repr=False)  # the engine's estimates from earlier generations
+    warmup: int = WARMUP_ROUNDS  # rounds that probe every candidate before any switch
 
     def __post_init__(self):
+        tables = (self.accepted, self.confident, self.shadow_accepted, self.shadow_confident)
+        if self.memory and "tables" in self.memory:  # the estimates go on from the last generation's
+            for table, kept in zip(tables, self.memory["tables"]):
+                table.update(kept)
+            self.start, self.stored_start, self.warmup = self.memory["exit_layer"], True, 1
+        else:
+            for e in self.candidates:
+                for table in tables:
+                    table[e] = RunStats(self.max_speculations)
+            if self.memory is not None:
+                self.memory["tables"] = tables
         self.exit_layer = min(self.candidates, key=lambda e: abs(e - self.start))
-        for e in self.candidates:
-            for table in (self.accepted, self.confident, self.shadow_accepted, self.shadow_confident):
-                table[e] = RunStats(self.max_speculations)
 
     def observe_round(self, E: int, r) -> None:
         """A round at E (self_speculative.Round): its a accepted drafts, then a failure (a rejected draft, or an
@@ -244,7 +257,7 @@ class AutoPlan:
         the others): every candidate in the first rounds, then every PROBE_EVERY rounds the current E's
         neighbours and one more in turn."""
         others = [e for e in self.candidates if e != self.exit_layer]
-        if r < WARMUP_ROUNDS:
+        if r < self.warmup:
             return self.candidates
         if r % PROBE_EVERY or not others:
             return ()
@@ -300,9 +313,9 @@ class AutoPlan:
         r = self.rounds
         self.rounds += 1
         current = self.best_round(self.exit_layer, B)
-        if r < WARMUP_ROUNDS and self.start_speculations:  # nothing measured yet: the stored d, if any
+        if r < self.warmup and self.start_speculations:  # nothing measured yet: the stored d, if any
             current = (current[0], min(self.start_speculations, self.max_speculations))
-        if r >= WARMUP_ROUNDS:  # no switching on no evidence
+        if r >= self.warmup:  # no switching on no evidence
             if self._others is None or self._others[0] != B:
                 self._others = (B, {E: self.best_round(E, B) for E in self.candidates if E != self.exit_layer})
             here = self._measured(self.exit_layer, B)
@@ -314,6 +327,8 @@ class AutoPlan:
             if best is not None and value(best) > (here or current[0]) * gain:
                 self.exit_layer, current = best, self._others[1][best]
                 self._others = None
+        if self.memory is not None:
+            self.memory["exit_layer"] = self.exit_layer
         probes = self._probes(r)
         self._probing = bool(probes)
         if probes:
@@ -340,7 +355,7 @@ class AutoPlan:
         if B == 1:  # one row: a round's speed swings with the text, a step's does not; only the prediction decides
             return guess > predicted
         here, step = self._measured(self.exit_layer, B), self._measured(AR, B)
-        if step is None and here is not None and r >= WARMUP_ROUNDS and guess * STEP_WITHIN > here:
+        if step is None and here is not None and r >= self.warmup and guess * STEP_WITHIN > here:
             m = self.measured.get((AR, B))
             if m is not None and self.rounds - m[2] > MEASURED_FOR:
                 del self.measured[(AR, B)]  # stale: measure afresh
@@ -360,15 +375,19 @@ def new_plan(stack: LayerStack, vocab: torch.Tensor | None, *, start: int | None
              max_rows: int, threshold: float = 0.0) -> AutoPlan:
     """An AutoPlan for this engine: costs timed (or reused), every candidate layer, starting at `start`
     (None: the middle of the candidates), choosing drafts of at most `max_speculations` (None: 12), drafting
-    with confidence threshold `threshold`."""
+    with confidence threshold `threshold`. A later plan on the same engine and settings goes on from the
+    estimates of the earlier ones (`stack.auto_memory`): it starts at the exit layer they last chose, with one
+    warm-up round instead of WARMUP_ROUNDS (the estimates decay, so the new text soon outweighs the old)."""
     candidates = candidate_layers(stack.num_layers)
     d = max_speculations or MAX_SPECULATIONS
     costs = step_costs(stack, vocab, max_rows * (d + 1))
     stored_d = model_defaults(stack.model).get("num_speculations")
+    memory = stack.auto_memory.setdefault((None if vocab is None else int(vocab.numel()), float(threshold or 0.0), d),
+                                          {})
     return AutoPlan(costs, stack.num_layers, candidates, d,
                     start if start is not None else candidates[len(candidates) // 2],
                     stored_d if isinstance(stored_d, int) and stored_d > 0 else None, threshold or 0.0,
-                    stored_start=start is not None and start in candidates)
+                    stored_start=start is not None and start in candidates, memory=memory)
 
 
 def shadow_outcomes(stack: LayerStack, hidden: dict[int, torch.Tensor], targets: torch.Tensor, spans: list[int],
