@@ -281,8 +281,8 @@ def decode(stack: LayerStack, prompt: torch.Tensor, cfg: ResolvedConfig, *, toke
     stats = _new_stats(stack, cfg, T)
     generator = _new_generator(stack, cfg)
     on_tokens, finish = _streaming_callback(streamer, prompt)
-    row = Row(0, prompt[0].tolist(), stopper, stats, cfg.sampling, generator)
-    decoder = _compiled(stack, cfg, [row])
+    row = Row(0, prompt[0].tolist(), stopper, stats, cfg.sampling, generator) if cfg.compile else None
+    decoder = _compiled(stack, cfg, [row]) if row else None
     t0 = time.perf_counter()
 
     def emitted(ids: list[int]) -> None:  # the tokens are on the host already: reading the clock costs no sync

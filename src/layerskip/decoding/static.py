@@ -41,8 +41,8 @@ from layerskip.decoding.batch import Row, _block, _finish
 from layerskip.forward import LayerStack, exit_logits
 
 CAPACITY_STEP = 256  # capacities are rounded up to a multiple of this, so nearby lengths share a compiled decoder
-WARMUP_CALLS = 3
-MAX_DECODERS = 64  # compiled decoders one process may hold (torch.compile's own limit is 8 per function)  # calls before a CUDA graph is captured (compile, autotuning, allocator warm-up)
+WARMUP_CALLS = 3  # calls before a CUDA graph is captured (compile, autotuning, allocator warm-up)
+MAX_DECODERS = 64  # compiled decoders one process may hold (torch.compile's own limit is 8 per function)
 
 
 class StaticDecoder:
@@ -158,11 +158,10 @@ class StaticDecoder:
         """The prompts through every layer (eagerly, right-padded), into the cache; each row's first token.
         Sets x0, pos and active for the rounds."""
         s = self.stack
+        if len(rows) != self.rows:
+            raise ValueError(f"prefill: {len(rows)} rows for a decoder of {self.rows}")
         block = _block([r.pending for r in rows], s.device)  # (B, W)
-        B = block.shape[0]
-        if B < self.rows:  # unused rows of a decoder made for more: padding that stays frozen
-            block = torch.cat([block, block.new_zeros(self.rows - B, block.shape[1])])
-        lengths = torch.tensor([len(r.pending) for r in rows] + [1] * (self.rows - B), device=s.device)
+        lengths = torch.tensor([len(r.pending) for r in rows], device=s.device)
         start = torch.zeros(self.rows, dtype=torch.long, device=s.device)
         depth = s.num_layers if self.num_speculations is not None else self.num_layers  # early exit: [0, E) only
         h = s.run(s.embed(block), 0, depth, self.cache, start)  # (B, W, H)
@@ -170,13 +169,12 @@ class StaticDecoder:
         first = self._logits(last, s.lm_head.weight, s.lm_head.bias).argmax(-1)  # (B,)
         self.x0.copy_(first[:, None])
         self.pos.copy_(lengths)
-        self.active.copy_((torch.arange(self.rows, device=s.device) < B).long())
-        return first[:B].tolist()
+        self.active.fill_(1)
+        return first.tolist()
 
     def freeze(self, done: list[bool]) -> None:
         """Rows that finished stop moving (their writes stay in bounds)."""
-        mask = [0 if x else 1 for x in done] + [0] * (self.rows - len(done))
-        self.active.copy_(torch.tensor(mask, device=self.active.device))
+        self.active.copy_(torch.tensor([0 if x else 1 for x in done], device=self.active.device))
 
 
 def _room_to_compile():

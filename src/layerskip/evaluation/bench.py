@@ -206,9 +206,9 @@ def run_bench(model, tokenizer, task: Task, *, strategies=OURS, exit_layer: int 
             raise LayerSkipError("--batch-size > 1 times our strategies only; drop --compare-transformers")
         return _bench_batched(engine, tokenizer, task, prompts, configs, batch_size, max_new_tokens, warmup, score,
                               model_name, progress)
-    warm: dict[str, list[_Run]] = {}
+    warm: dict[str, _Run] = {}
     if warmup:  # full length: every cache length the timed runs will see (GPU kernels, allocator, compiling)
-        warm = {strategy: [call(strategy, 0, max_new_tokens)] for strategy in strategies}
+        warm = {strategy: call(strategy, 0, max_new_tokens) for strategy in strategies}
     runs: dict[str, list[_Run]] = {s: [] for s in strategies}
     bar = _progress(len(prompts) * len(strategies), progress, f"bench {task.name}")
     for i in range(len(prompts)):
@@ -259,7 +259,7 @@ def _bench_batched(engine, tokenizer, task: Task, prompts, configs: dict, batch_
         seconds = clock(engine.device) - t0 - (outs[0].stats.compile_s or 0.0)
         return [_Run(o.token_ids, o.text, seconds / len(rows), o.stats) for o in outs]
 
-    warm = {strategy: call(strategy, batches[0]) for strategy in strategies} if warmup else {}
+    warm = {strategy: call(strategy, batches[0])[0] for strategy in strategies} if warmup else {}  # rows share it
     runs: dict[str, list[_Run]] = {s: [] for s in strategies}
     per_sequence: dict[str, list[float]] = {s: [] for s in strategies}
     bar = _progress(len(batches) * len(strategies), progress, f"bench {task.name} (batch {batch_size})")
@@ -289,11 +289,11 @@ def _bench_batched(engine, tokenizer, task: Task, prompts, configs: dict, batch_
                        stats={s: [r.stats for r in rs] for s, rs in runs.items()})
 
 
-def _add_warmup_compiling(results: list[StrategyResult], warm: dict[str, list[_Run]]) -> None:
-    """A compiled strategy's compile_s also counts what its warm-up runs compiled (most of it)."""
+def _add_warmup_compiling(results: list[StrategyResult], warm: dict[str, _Run]) -> None:
+    """A compiled strategy's compile_s also counts what its warm-up run compiled (most of it)."""
     for r in results:
-        if r.compile_s is not None:
-            r.compile_s += sum(w.stats.compile_s or 0.0 for w in warm.get(r.strategy, [])[:1])
+        if r.compile_s is not None and r.strategy in warm:
+            r.compile_s += warm[r.strategy].stats.compile_s or 0.0
 
 
 def _strategy_config(strategy: str, spec) -> DecodeConfig:
