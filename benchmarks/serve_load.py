@@ -7,8 +7,12 @@ run), time to first token and per-token latency (the gaps between a stream's chu
 the chunk) p50 / p95, lost or errored responses, and whether every text equals the other strategy's (greedy
 outputs must be identical); then the same against `transformers serve` on the same model (continuous batching,
 CPU, fp32), where it starts. Bounded: --requests per concurrency level, --max-tokens each.
+With --rounds N our servers are all up at once and each level is driven N times per server, the servers' order
+rotated each time, so slow spells of a shared machine fall on every contender; the speedups are the medians of
+the per-round ratios.
 
-    python benchmarks/serve_load.py [--concurrency 1,4,16] [--requests 16] [--max-tokens 128] [--json FILE]
+    python benchmarks/serve_load.py [--concurrency 1,4,16] [--requests 16] [--max-tokens 128] [--rounds 3]
+                                    [--json FILE]
 """
 from __future__ import annotations
 
@@ -110,6 +114,20 @@ def load(url: str, prompts: list[str], concurrency: int, max_tokens: int, model:
             "texts": [r.get("text") for r in results]}
 
 
+def median_run(rs: list[dict]) -> dict:
+    """The round with the median tokens/s, with every round's tokens/s, errors summed and texts kept from every
+    round (None where they differ between rounds)."""
+    mid = sorted(rs, key=lambda r: r["tokens_per_second"])[(len(rs) - 1) // 2]
+    texts = mid["texts"] if all(r["texts"] == mid["texts"] for r in rs) else [None] * len(mid["texts"])
+    return dict(mid, errors=sum(r["errors"] for r in rs), texts=texts,
+                tokens_per_second_rounds=[r["tokens_per_second"] for r in rs])
+
+
+def paired(rs: list[dict], base: list[dict]) -> float:
+    """The median over rounds of rs' tokens/s over base's in the same round."""
+    return statistics.median(a["tokens_per_second"] / b["tokens_per_second"] for a, b in zip(rs, base))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--concurrency", default="1,4,16")
@@ -125,6 +143,9 @@ def main() -> None:
     p.add_argument("--no-transformers", dest="transformers", action="store_false",
                    help="skip `transformers serve` (the peer)")
     p.add_argument("--port", type=int, default=18731, help="for `transformers serve` (it takes no port 0)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="drive our servers this many times per level, interleaved (all up at once, order rotated); "
+                        "reported: each server's median round, and the median of the per-round ratios")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
@@ -139,7 +160,7 @@ def main() -> None:
               "setup": f"built-in model, {args.requests} HumanEval prompts per level, {args.max_tokens} new tokens, "
                        f"greedy, streaming, max batch {args.max_batch_size}",
               "by_concurrency": {}}
-    runs = {}
+    runs, rounds = {}, {}
     with tempfile.TemporaryFile("w+") as log:
         contenders = [("autoregressive", "autoregressive", ()), ("self-speculative", "self-speculative", ())]
         if args.speculate_up_to:
@@ -147,19 +168,25 @@ def main() -> None:
                                ("--speculate-up-to", str(args.speculate_up_to))))
         if args.auto:
             contenders.append(("self-speculative-auto", "self-speculative", ("--exit-layer", "auto")))
-        for label, strategy, extra in contenders:
-            proc, url = start(strategy, args.max_batch_size, args.threads, log, extra)
-            strategy = label
-            try:
-                one(url, "def f():", 8)  # warm-up
-                for c in levels:
-                    runs[strategy, c] = load(url, prompts, c, args.max_tokens)
-                    r = runs[strategy, c]
-                    print(f"{strategy} c={c}: {r['tokens_per_second']:.1f} tok/s, ttft p50 {r['ttft_p50_s']:.3f} s, "
-                          f"errors {r['errors']}", flush=True)
-            finally:
+        servers = {}  # every one of ours up at once (an idle server waits on a condition, costing nothing)
+        try:
+            for label, strategy, extra in contenders:
+                servers[label] = start(strategy, args.max_batch_size, args.threads, log, extra)
+                one(servers[label][1], "def f():", 8)  # warm-up
+            for rnd in range(args.rounds):
+                for i, c in enumerate(levels):
+                    shift = (rnd + i) % len(contenders)  # rotated: no contender always runs first
+                    for label, _, _ in contenders[shift:] + contenders[:shift]:
+                        r = load(servers[label][1], prompts, c, args.max_tokens)
+                        rounds.setdefault((label, c), []).append(r)
+                        print(f"round {rnd + 1} {label} c={c}: {r['tokens_per_second']:.1f} tok/s, "
+                              f"ttft p50 {r['ttft_p50_s']:.3f} s, errors {r['errors']}", flush=True)
+        finally:
+            for proc, _ in servers.values():
                 proc.terminate()
                 proc.wait(60)
+        for key, rs in rounds.items():
+            runs[key] = median_run(rs)
         for threads in tf_threads if args.transformers else ():
             name = "transformers" if threads is None else f"transformers-{threads}-threads"
             started = start_transformers(args.port, log, threads)
@@ -181,19 +208,20 @@ def main() -> None:
         report["by_concurrency"][str(c)] = {
             "autoregressive": {k: v for k, v in ar.items() if k != "texts"},
             "self_speculative": {k: v for k, v in ss.items() if k != "texts"},
-            "speedup": ss["tokens_per_second"] / ar["tokens_per_second"],
+            "speedup": paired(rounds["self-speculative", c], rounds["autoregressive", c]),
             "identical_outputs": ar["texts"] == ss["texts"] and None not in ar["texts"]}
         up = runs.get((f"self-speculative-up-to-{args.speculate_up_to}", c))
         if up:
             report["by_concurrency"][str(c)].update(
                 self_speculative_up_to={k: v for k, v in up.items() if k != "texts"},
-                up_to_speedup=up["tokens_per_second"] / ar["tokens_per_second"],
+                up_to_speedup=paired(rounds[f"self-speculative-up-to-{args.speculate_up_to}", c],
+                                     rounds["autoregressive", c]),
                 up_to_identical_outputs=up["texts"] == ar["texts"])
         au = runs.get(("self-speculative-auto", c))
         if au:
             report["by_concurrency"][str(c)].update(
                 self_speculative_auto={k: v for k, v in au.items() if k != "texts"},
-                auto_speedup=au["tokens_per_second"] / ar["tokens_per_second"],
+                auto_speedup=paired(rounds["self-speculative-auto", c], rounds["autoregressive", c]),
                 auto_identical_outputs=au["texts"] == ar["texts"])
         peers = {name: runs[name, c] for name, level in runs if level == c and name.startswith("transformers")}
         for name, tf in peers.items():

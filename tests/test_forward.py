@@ -93,3 +93,33 @@ def test_exit_logits_is_norm_then_head(tiny_models):
         expected = model.lm_head(model.model.norm(h))
         torch.testing.assert_close(exit_logits(h, model.model.norm, model.lm_head.weight), expected)
         torch.testing.assert_close(stack.logits(h), expected)
+
+
+@pytest.mark.parametrize("name", ["llama", "llama-tied", "mistral", "qwen2", "qwen3", "mistral-window"])
+def test_packed_rows_equal_the_padded_pass(tiny_models, name):
+    """run(..., lengths=) on ragged rows packed one after another (one row empty) gives each real token the
+    hidden state and the K/V of the padded (B, T) pass, in every layer range."""
+    model = tiny_models.get(name) or make_random_model("mistral", num_layers=4, num_kv_heads=2, head_dim=16,
+                                                       sliding_window=6, seed=3)
+    L, lengths, context = model.config.num_hidden_layers, [3, 0, 7, 1], [5, 9, 2, 12]
+    stack = LayerStack(model)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (4, 12 + 7), generator=g)
+    pos = torch.tensor(context)
+    caches = [stack.new_cache(32, batch=4) for _ in range(2)]
+    with torch.no_grad():
+        for cache in caches:  # each row's context, packed
+            stack.run(stack.embed(torch.cat([ids[b, :n] for b, n in enumerate(context)])), 0, L, cache,
+                      torch.zeros(4, dtype=torch.long), lengths=context)
+        new = torch.stack([ids[b, n:n + 7] for b, n in enumerate(context)])  # (4, 7)
+        padded = stack.run(stack.embed(new), 0, L, caches[0], pos)  # (4, 7, H)
+        packed_in = stack.embed(torch.cat([new[b, :n] for b, n in enumerate(lengths)]))
+        h = stack.run(packed_in, 0, 2, caches[1], pos, lengths=lengths)
+        packed = stack.run(h, 2, L, caches[1], pos, lengths=lengths)  # (11, H)
+    assert packed.shape == (sum(lengths), padded.shape[-1])
+    torch.testing.assert_close(packed, torch.cat([padded[b, :n] for b, n in enumerate(lengths)]), atol=1e-5,
+                               rtol=1e-5)
+    for layer in range(L):
+        for b, (n, c) in enumerate(zip(lengths, context)):
+            torch.testing.assert_close(caches[1].keys[layer][b, :, :c + n], caches[0].keys[layer][b, :, :c + n],
+                                       atol=1e-5, rtol=1e-5)

@@ -117,7 +117,7 @@ class LayerStack:
                            lambda x, w, b: matmul(x, w, b, kernel, self.packed))
 
     def run(self, h: torch.Tensor, start: int, end: int, cache: KVCache, pos, taps: dict | None = None,
-            whole_cache: bool = False) -> torch.Tensor:
+            whole_cache: bool = False, lengths: list[int] | None = None) -> torch.Tensor:
         """Apply layers [start, end) to h (B, T, H) whose first token is at position `pos`.
 
         `pos` is an int (every row starts there: batch 1, or rows in lockstep) or a (B,) LongTensor of per-row
@@ -129,9 +129,20 @@ class LayerStack:
         whole_cache: with a tensor `pos`, attend over the cache's whole length (keys past a row's position
             masked) instead of up to the furthest row's: every shape fixed and no host sync, for the static path
             (decoding/static.py).
+        lengths: ragged rows, packed (with a tensor `pos`): h is (N, H), row b's lengths[b] tokens one after
+            another (N = their sum; a row may have none), and so are the result and the taps. The norms, the
+            projections and the MLP see only those N rows; attention sees them padded to (B, max(lengths)), the
+            padding at the positions after each row's tokens, as in an unpacked pass (its K/V never visible).
+            A batched verify pass of rows with different draft lengths then multiplies no padding.
         """
-        B, T = h.shape[:2]
-        g = route(self.kernels, B * T)
+        if lengths is None:
+            B, T = h.shape[:2]
+            g, packing = route(self.kernels, B * T), None
+        else:
+            B, T = len(lengths), max(lengths)
+            g, packing = route(self.kernels, h.shape[0]), (B, T, _packed_index(lengths, T, h.device))
+            if isinstance(pos, int):
+                raise ValueError("packed rows (lengths) need per-row positions (a (B,) tensor pos)")
         if isinstance(pos, int):
             cos, sin = self._cos[pos:pos + T], self._sin[pos:pos + T]  # (T, D)
             make_mask = lambda window: _attention_mask(pos, T, window, h.device)
@@ -149,7 +160,8 @@ class LayerStack:
             if window not in masks:
                 masks[window] = make_mask(window)
             layer = self.layers[i]
-            h = h + self._attention(i, layer.self_attn, layer.input_layernorm(h), write, cos, sin, masks[window], g)
+            h = h + self._attention(i, layer.self_attn, layer.input_layernorm(h), write, cos, sin, masks[window], g,
+                                    packing)
             h = h + self._mlp(layer.mlp, layer.post_attention_layernorm(h), g)
             if taps and i + 1 in taps:
                 taps[i + 1].append(h)
@@ -161,12 +173,17 @@ class LayerStack:
         p = self.packed
         return linear(mlp.act_fn(linear(x, mlp.gate_proj, g, p)) * linear(x, mlp.up_proj, g, p), mlp.down_proj, g, p)
 
-    def _attention(self, i, attn, x, write, cos, sin, mask, g):
-        B, T, _ = x.shape
+    def _attention(self, i, attn, x, write, cos, sin, mask, g, packing=None):
+        """Self-attention of layer i on x (B, T, H), or on packed rows x (N, H) with packing (B, T, index)."""
         D = self.head_dim
-        q = linear(x, attn.q_proj, g, self.packed).view(B, T, -1, D)  # (B, T, Hq, D)
-        k = linear(x, attn.k_proj, g, self.packed).view(B, T, -1, D)  # (B, T, Hkv, D)
-        v = linear(x, attn.v_proj, g, self.packed).view(B, T, -1, D).transpose(1, 2)  # (B, Hkv, T, D)
+        q, k, v = (linear(x, proj, g, self.packed) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+        if packing is None:
+            B, T, _ = x.shape
+        else:  # the packed rows into their places in (B, T): attention and the cache are per row and position
+            B, T, index = packing
+            q, k, v = (t.new_zeros(B * T, t.shape[-1]).index_copy_(0, index, t) for t in (q, k, v))
+        q, k = q.view(B, T, -1, D), k.view(B, T, -1, D)  # (B, T, Hq, D), (B, T, Hkv, D)
+        v = v.view(B, T, -1, D).transpose(1, 2)  # (B, Hkv, T, D)
         if self.qk_norm:  # Qwen3: RMSNorm over the head dimension before rotary
             q, k = attn.q_norm(q), attn.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, T, D)
@@ -176,7 +193,10 @@ class LayerStack:
         out = F.scaled_dot_product_attention(
             q, keys, values, attn_mask=mask, scale=self.scaling, enable_gqa=self.num_heads != self.num_kv_heads
         )  # (B, Hq, T, D)
-        return linear(out.transpose(1, 2).reshape(B, T, -1), attn.o_proj, g, self.packed)
+        out = out.transpose(1, 2).reshape(B, T, -1)  # (B, T, Hq D)
+        if packing is not None:
+            out = out.reshape(B * T, -1).index_select(0, packing[2])  # (N, Hq D)
+        return linear(out, attn.o_proj, g, self.packed)
 
     def _sub_head(self, vocab: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The LM head's rows for `vocab`, gathered once per vocabulary (contiguous, so a draft step
@@ -197,6 +217,11 @@ class LayerStack:
         with torch.no_grad():
             cos, sin = self.rotary_emb(probe, positions)  # (1, n, D)
         self._cos, self._sin = cos[0], sin[0]
+
+
+def _packed_index(lengths: list[int], T: int, device) -> torch.Tensor:
+    """(N,) the place in a flattened (B, T) grid of each packed row's tokens: row b's j-th at b T + j."""
+    return torch.tensor([b * T + j for b, n in enumerate(lengths) for j in range(n)], device=device)
 
 
 def _same_ids(a: torch.Tensor, b: torch.Tensor) -> bool:

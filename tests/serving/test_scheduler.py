@@ -27,11 +27,11 @@ def test_a_failing_round_fails_its_batch_and_the_scheduler_goes_on(tiny_llama):
         strategy="self_speculative", exit_layer=2, num_speculations=3, max_new_tokens=12, eos_token_id=())).token_ids
     run, calls = engine.run, []
 
-    def failing(*args):
+    def failing(*args, **kw):
         calls.append(1)
         if len(calls) == 3:
             raise RuntimeError("device lost")
-        return run(*args)
+        return run(*args, **kw)
 
     async def main():
         loop = asyncio.get_running_loop()

@@ -18,8 +18,11 @@ Design: pad and mask, one cache (BASS-PAD, Qian et al. 2024).
            every running row, so a pass is never padded to a prompt's width.
   a round  every active row drafts up to its own k (d, fewer near its max_new_tokens, or fewer where its
            confidence threshold stops it); each draft step is one (B, 1) pass through [0, E) for the rows still
-           drafting (the others feed padding); then one verify pass of every row's exit hidden states through
-           [E, L); each row accepts its own prefix and adds its own verifier token, and moves its own pos.
+           drafting (the others feed padding). With a confidence threshold, drafting also ends for the whole
+           batch where the next drafts' expected accepted tokens no longer pay for the pass that would feed them
+           (`_worth_a_pass`). Then one verify pass of every row's exit hidden states through [E, L), the rows
+           packed (a row that drafted less adds no padding to the matmuls); each row accepts its own prefix and
+           adds its own verifier token, and moves its own pos.
   leaving  a finished row leaves the batch at once: the cache keeps only the active rows (KVCache.keep_rows, one
            copy of the cache per finishing round), so it stops costing matmul rows and attention. Masking it
            instead would keep paying for it every step until the longest row ends.
@@ -136,9 +139,11 @@ class Batch:
         size = max(map(self._room, rows + self.rows))
         cache = stack.new_cache(size, batch=len(rows))
         prefix = [r.pending[:-1] for r in rows]
-        if any(prefix):
+        if any(prefix):  # packed: prompts of different lengths multiply no padding
             layers = self.exit_layer if self.strategy == "early_exit" else stack.num_layers
-            stack.run(stack.embed(_block(prefix, stack.device)), 0, layers, cache, _positions(rows, stack.device))
+            ids = torch.tensor([t for p in prefix for t in p], dtype=torch.long, device=stack.device)
+            stack.run(stack.embed(ids), 0, layers, cache, _positions(rows, stack.device),
+                      lengths=[len(p) for p in prefix])
         for r, p in zip(rows, prefix):
             r.pos, r.pending = r.pos + len(p), r.pending[-1:]
         if self.cache is None:
@@ -224,15 +229,33 @@ def _step(stack: LayerStack, cache, rows: list[Row], num_layers: int, on_tokens)
         _finish(r, [t], on_tokens)
 
 
-def _greedy_drafts(logits: torch.Tensor, vocab: torch.Tensor | None, threshold: float) -> list[int | None]:
+def _greedy_drafts(logits: torch.Tensor, vocab: torch.Tensor | None,
+                   threshold: float) -> tuple[list[int | None], list[float]]:
     """Every row's greedy draft from (B, V') draft logits at once (draft_token's greedy rule, vectorised): the
-    argmax (mapped through the draft vocabulary), or None where its probability is below the threshold."""
-    top = logits.argmax(-1)  # (B,)
-    tokens = (top if vocab is None else vocab[top]).tolist()
-    if threshold <= 0:
-        return tokens
-    sure = (torch.softmax(logits.float(), -1).max(-1).values >= threshold).tolist()
-    return [t if ok else None for t, ok in zip(tokens, sure)]
+    argmax (mapped through the draft vocabulary), or None where its probability is below the threshold; and
+    each row's top probability (what `_worth_a_pass` weighs)."""
+    p, top = torch.softmax(logits.float(), -1).max(-1)  # (B,), (B,)
+    ids, p = torch.stack([(top if vocab is None else vocab[top]).to(p.dtype), p]).tolist()  # one sync; ids < 2^24
+    return [int(t) if q >= threshold else None for t, q in zip(ids, p)], p
+
+
+# What one more draft pass of a batch costs, in units of E / L of a full autoregressive step: the (B, 1) pass
+# through [0, E) and the draft head (0.41-0.46 of a step for E / L = 3/8 at B = 4 on the 2-core CPU), and the
+# verify rows it adds (about 0.03 of a step each): about 1.4 E / L.
+PASS_COST = 1.4
+
+
+def _worth_a_pass(chances: list[float], rows: int, exit_share: float) -> bool:
+    """Whether a batch's next greedy drafts are worth the pass that feeds them through [0, E).
+
+    chances: for each row with a next draft, the chance that it is accepted, estimated as the product of the
+    draft head's top probabilities over the row's drafts so far this round (the confidence threshold's own
+    signal). exit_share: E / L. The pass costs about PASS_COST x exit_share of a full autoregressive step of the
+    batch, and that step would give each of its `rows` rows a token: the drafts pay while their expected
+    accepted tokens reach PASS_COST x exit_share x rows. Without this, one confident row keeps every other row
+    of the batch waiting through its drafting, a pass at a time.
+    """
+    return sum(chances) >= PASS_COST * exit_share * rows
 
 
 def _speculative_round(stack: LayerStack, cache, rows: list[Row], E: int, d: int, vocab, threshold: float,
@@ -264,20 +287,24 @@ def _speculative_round(stack: LayerStack, cache, rows: list[Row], E: int, d: int
     drafts, probs = [[] for _ in rows], [[] for _ in rows]
     fed = [0] * B  # drafts already through [0, E)
     drafting = [k > 0 for k in limits]
+    unsure = [False] * B  # row b's drafting ended on a draft below the confidence threshold
+    chance = [1.0] * B  # row b's estimated chance that its drafts so far are all accepted (_worth_a_pass)
     while any(drafting):
         logits = stack.logits(current, vocab)  # (B, V')
         feed = [None] * B
-        greedy = _greedy_drafts(logits, vocab, threshold)  # every row's greedy draft, one sync
-        for b, r in enumerate(rows):
-            if not drafting[b]:
-                continue
-            if r.params.do_sample:
-                token, q = draft_token(logits[b:b + 1], r.params, r.generator, vocab, threshold, stack.vocab_size)
-            else:
-                token, q = greedy[b], None
+        greedy, top = _greedy_drafts(logits, vocab, threshold)  # every row's greedy draft, one sync
+        sampled = {b: draft_token(logits[b:b + 1], r.params, r.generator, vocab, threshold, stack.vocab_size)
+                   for b, r in enumerate(rows) if drafting[b] and r.params.do_sample}
+        nxt = {b: sampled[b] if b in sampled else (greedy[b], None) for b in range(B) if drafting[b]}
+        if B > 1 and threshold > 0 and not any(t is not None for t, _ in sampled.values()) and \
+                not _worth_a_pass([chance[b] * top[b] for b, (t, _) in nxt.items() if t is not None], B,
+                                  E / stack.num_layers):
+            break  # greedy drafts not worth their pass: every row's drafting ends (a sampled row's never does)
+        for b, (token, q) in nxt.items():
             if token is None:  # not confident enough: this row's drafting ends here
-                drafting[b] = False
+                drafting[b], unsure[b] = False, True
                 continue
+            chance[b] *= top[b]
             drafts[b].append(int(token))
             probs[b].append(q)
             if len(drafts[b]) < limits[b]:
@@ -306,17 +333,18 @@ def _speculative_round(stack: LayerStack, cache, rows: list[Row], E: int, d: int
         for b in unfed:
             exits[b].append(h1[b])
     seqs = [torch.cat(e, 0) for e in exits]  # row b: (n_b + k_b, H)
-    width = max(s.shape[0] for s in seqs)
-    block = torch.stack([torch.cat([s, s.new_zeros(width - s.shape[0], s.shape[1])]) for s in seqs])  # (B, W, H)
-    h = stack.run(block, E, stack.num_layers, cache, _positions(rows, device), late)  # (B, W, H)
-    wanted = torch.cat([h[b, counts[b] - 1:counts[b] + len(drafts[b])] for b in range(B)])  # (sum k_b + 1, H)
+    sizes = [s.shape[0] for s in seqs]
+    starts = [sum(sizes[:b]) for b in range(B)]  # row b's first token in the packed rows
+    # packed: rows whose drafting stopped early cost no padded rows in [E, L)
+    h = stack.run(torch.cat(seqs), E, stack.num_layers, cache, _positions(rows, device), late, lengths=sizes)
+    wanted = torch.cat([h[o + n - 1:o + n + len(t)] for o, n, t in zip(starts, counts, drafts)])  # (sum k_b + 1, H)
     logits = stack.logits(wanted).split([len(t) + 1 for t in drafts])  # row b: (k_b + 1, V)
     rounds = []
     for b, r in enumerate(rows):
         tokens = torch.tensor(drafts[b], dtype=torch.long, device=device)
         q = torch.cat(probs[b], 0) if r.params.do_sample and drafts[b] else None
         a, nxt = accept_round(Draft(tokens, q, seqs[b][None], r.pos, counts[b]), logits[b], r.params, r.generator)
-        rounds.append(Round(len(drafts[b]), a, drafts[b][:a] + [nxt], len(drafts[b]) < limits[b]))
+        rounds.append(Round(len(drafts[b]), a, drafts[b][:a] + [nxt], unsure[b]))
         before = len(r.generated)
         r.pos += counts[b] + a  # rollback: the row keeps x0 and its accepted drafts
         r.pending = [nxt]
@@ -327,6 +355,6 @@ def _speculative_round(stack: LayerStack, cache, rows: list[Row], E: int, d: int
     # probes: each row's positions x0 .. d_a (context confirmed by the verifier), the verifier's argmax the target
     spans = [(counts[b] - 1, counts[b] + rounds[b].accepted) for b in range(B)]
     hidden = {e: torch.cat([torch.cat(tapped[e][b], 0)[lo:hi] for b, (lo, hi) in enumerate(spans)]) for e in early}
-    hidden.update({e: torch.cat([t[0][b, lo:hi] for b, (lo, hi) in enumerate(spans)]) for e, t in late.items()})
+    hidden.update({e: torch.cat([t[0][o + lo:o + hi] for o, (lo, hi) in zip(starts, spans)]) for e, t in late.items()})
     targets = torch.cat([logits[b][:rounds[b].accepted + 1].argmax(-1) for b in range(B)])
     return rounds, auto.shadow_outcomes(stack, hidden, targets, [hi - lo for lo, hi in spans], vocab, threshold)
