@@ -1,4 +1,5 @@
 """`layerskip generate` end to end, and every bad input: one line on stderr, exit 2, no traceback."""
+import re
 import subprocess
 import sys
 
@@ -119,6 +120,7 @@ def test_demo_runs_both_strategies_and_checks_they_agree(tiny_checkpoint, capsys
     assert code == 0
     assert "[autoregressive | 10 tokens" in out and "[self-speculative | 10 tokens" in out
     assert "output identical" in out
+    assert re.search(r"4-gram repetition of the completion: (0|1)\.\d\d ", out)
 
 
 def test_demo_rejects_bad_repeats(tiny_checkpoint, capsys):

@@ -29,7 +29,7 @@ def test_bench_reports_every_strategy(tiny_exact, tokenizer, prompts_task):
     assert ss.tokens_per_round > 1
     for r in report.results:
         assert r.tokens_per_second > 0 and r.ms_per_token == pytest.approx(1000 / r.tokens_per_second)
-        assert set(r.metrics) == {"exact_match", "rouge1", "rouge2", "rougeL"}
+        assert set(r.metrics) == {"exact_match", "rouge1", "rouge2", "rougeL", "repetition"}
     assert "self-speculative" in format_table(report)
 
 

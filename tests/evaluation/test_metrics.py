@@ -2,7 +2,7 @@
 import pytest
 
 from layerskip.errors import LayerSkipError
-from layerskip.evaluation.metrics import exact_match, normalize_answer, pass_at_k, rouge, truncate_at_stop
+from layerskip.evaluation.metrics import exact_match, normalize_answer, pass_at_k, repetition, rouge, truncate_at_stop
 
 
 def test_rouge_by_hand():
@@ -42,3 +42,13 @@ def test_pass_at_k():
     assert pass_at_k(1, 1, 1) == 1.0 and pass_at_k(1, 0, 1) == 0.0
     assert pass_at_k(10, 3, 1) == pytest.approx(0.3)
     assert pass_at_k(4, 1, 2) == pytest.approx(1 - (3 * 2) / (4 * 3))
+
+
+def test_repetition_by_hand():
+    # 1 2 3 4 1 2 3 4 1 2: seven 4-grams, four distinct (1234, 2341, 3412, 4123) -> 3/7 repeat
+    assert repetition([[1, 2, 3, 4, 1, 2, 3, 4, 1, 2]]) == pytest.approx(3 / 7)
+    assert repetition([[5] * 10]) == pytest.approx(1 - 1 / 7)  # one loop of one token
+    assert repetition([list(range(12))]) == 0.0
+    # the mean over completions; one shorter than 4 tokens is left out
+    assert repetition([[1, 2, 3, 4, 1, 2, 3, 4, 1, 2], list(range(12)), [1, 2]]) == pytest.approx(3 / 14)
+    assert repetition([[1, 2, 3]]) is None and repetition([[1, 1, 1]], n=2) == pytest.approx(0.5)

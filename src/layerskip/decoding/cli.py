@@ -261,6 +261,7 @@ def _run_many(args, config) -> int:
 
 def run_demo(args) -> int:
     from layerskip.decoding.api import generate
+    from layerskip.decoding.result import ngram_repetition
     if args.repeats < 1:
         raise LayerSkipError(f"--repeats must be >= 1, got {args.repeats}")
     model, tokenizer, engine = load_engine(args)
@@ -286,4 +287,7 @@ def run_demo(args) -> int:
     speedup = ss.stats.tokens_per_second / ar.stats.tokens_per_second if ar.stats.tokens_per_second else 0.0
     print(f"self-speculative vs autoregressive: {speedup:.2f}x (fastest of {args.repeats} alternating runs each), "
           f"output {same}")
+    rep = ngram_repetition(ss.token_ids)
+    print(f"4-gram repetition of the completion: {'-' if rep is None else f'{rep:.2f}'} "
+          "(1 - distinct 4-grams / 4-grams of its token ids; 0 = nothing repeats)")
     return 0 if ar.token_ids == ss.token_ids else 1

@@ -1,9 +1,17 @@
-"""What `generate` returns: the new tokens, their text, and statistics about the run; and the opt-in `Timer`."""
+"""What `generate` returns: the new tokens, their text, and statistics about the run; the opt-in `Timer`; and
+`ngram_repetition`, how much of a completion repeats itself."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
 from layerskip.runtime import clock
+
+
+def ngram_repetition(ids: list[int], n: int = 4) -> float | None:
+    """1 - distinct n-grams / n-grams of a completion's token ids: 0 where no n-gram repeats, near 1 for one loop.
+    None if it has fewer than n tokens. (evaluation.metrics.repetition averages it over completions.)"""
+    grams = [tuple(ids[i:i + n]) for i in range(len(ids) - n + 1)]
+    return 1 - len(set(grams)) / len(grams) if grams else None
 
 
 @dataclass

@@ -35,6 +35,7 @@ from layerskip.decoding.config import AUTO, DecodeConfig, LayerSkipWarning, eos_
 from layerskip.decoding.stopping import cut_at_stop, has_stop
 from layerskip.errors import LayerSkipError
 from layerskip.evaluation import cost_model
+from layerskip.evaluation.metrics import repetition
 from layerskip.evaluation.tasks import Sample, Task
 from layerskip.kernels import TUNE_ROWS
 from layerskip.runtime import clock
@@ -101,6 +102,13 @@ class BenchReport:
 
     def result(self, strategy: str) -> StrategyResult:
         return next(r for r in self.results if r.strategy == strategy)
+
+
+def _quality(task, runs: list, score: bool) -> dict:
+    """The completions' 4-gram repetition (always: the quality figure beside every speed), and with `score` the
+    task's own metrics."""
+    return {"repetition": repetition([r.token_ids for r in runs]), **(task.score([r.text for r in runs]) if score
+                                                                      else {})}
 
 
 @dataclass
@@ -224,12 +232,11 @@ def run_bench(model, tokenizer, task: Task, *, strategies=OURS, exit_layer: int 
         times = _measure_costs(engine, E, runs.get("self_speculative"), prompts, max_new_tokens, spec)
     results = [_summarize(s, runs[s], runs["autoregressive"], E, d, times) for s in strategies]
     _add_warmup_compiling(results, warm)
-    if score:
-        bar = _progress(len(strategies), progress, "scoring")
-        for r in results:
-            r.metrics = task.score([run.text for run in runs[r.strategy]])
-            bar.update(1)
-        bar.close()
+    bar = _progress(len(strategies), progress and score, "scoring")
+    for r in results:
+        r.metrics = _quality(task, runs[r.strategy], score)
+        bar.update(1)
+    bar.close()
     return BenchReport(
         model=model_name, task=task.name, num_samples=len(prompts), max_new_tokens=max_new_tokens,
         results=results, cost_model=times.as_dict() if times else None, machine=machine_info(engine),
@@ -279,9 +286,8 @@ def _bench_batched(engine, tokenizer, task: Task, prompts, configs: dict, batch_
         r.per_sequence_tokens_per_second = (sum(per_sequence[s]) / len(per_sequence[s])) if per_sequence[s] else None
         results.append(r)
     _add_warmup_compiling(results, warm)
-    if score:
-        for r in results:
-            r.metrics = task.score([run.text for run in runs[r.strategy]])
+    for r in results:
+        r.metrics = _quality(task, runs[r.strategy], score)
     return BenchReport(model=model_name, task=task.name, num_samples=len(prompts), max_new_tokens=max_new_tokens,
                        results=results, machine=machine_info(engine), batch_size=batch_size,
                        completions={s: [r.text for r in rs] for s, rs in runs.items()},

@@ -1,7 +1,9 @@
-"""Quality metrics: pass@1 (HumanEval), ROUGE-1/2/L (summarisation), exact match (semantic parsing).
+"""Quality metrics: pass@1 (HumanEval), ROUGE-1/2/L (summarisation), exact match (semantic parsing), and the
+n-gram repetition of completions (any task: what a small model's greedy loops look like in numbers).
 
 Every metric takes parallel lists (one completion per sample) and returns a float in [0, 1]; the
-bench reports them under the names used here (`pass@1`, `rouge1`, `rouge2`, `rougeL`, `exact_match`).
+bench reports them under the names used here (`pass@1`, `rouge1`, `rouge2`, `rougeL`, `exact_match`,
+`repetition`).
 """
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import math
 import re
 from concurrent.futures import ThreadPoolExecutor
 
+from layerskip.decoding.result import ngram_repetition
 from layerskip.decoding.stopping import cut_at_stop as truncate_at_stop  # noqa: F401 (re-exported)
 from layerskip.errors import LayerSkipError
 
@@ -43,6 +46,13 @@ def rouge(predictions: list[str], references: list[str], *, use_stemmer: bool = 
         for key in totals:
             totals[key] += scores[key].fmeasure
     return {key: value / len(predictions) for key, value in totals.items()}
+
+
+def repetition(completions: list[list[int]], n: int = 4) -> float | None:
+    """Mean over completions of their n-gram repetition (decoding.result.ngram_repetition: 1 - distinct n-grams /
+    n-grams of the token ids). Completions shorter than n tokens are left out; None if all are."""
+    scores = [r for r in (ngram_repetition(ids, n) for ids in completions) if r is not None]
+    return sum(scores) / len(scores) if scores else None
 
 
 def pass_at_k(num_samples: int, num_correct: int, k: int) -> float:
