@@ -233,7 +233,10 @@ def _greedy_drafts(logits: torch.Tensor, vocab: torch.Tensor | None,
                    threshold: float) -> tuple[list[int | None], list[float]]:
     """Every row's greedy draft from (B, V') draft logits at once (draft_token's greedy rule, vectorised): the
     argmax (mapped through the draft vocabulary), or None where its probability is below the threshold; and
-    each row's top probability (what `_worth_a_pass` weighs)."""
+    each row's top probability (what `_worth_a_pass` weighs; 1.0 without a threshold, where nothing weighs it)."""
+    if threshold <= 0:
+        top = logits.argmax(-1)  # (B,)
+        return (top if vocab is None else vocab[top]).tolist(), [1.0] * logits.shape[0]
     p, top = torch.softmax(logits.float(), -1).max(-1)  # (B,), (B,)
     ids, p = torch.stack([(top if vocab is None else vocab[top]).to(p.dtype), p]).tolist()  # one sync; ids < 2^24
     return [int(t) if q >= threshold else None for t, q in zip(ids, p)], p
