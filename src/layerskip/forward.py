@@ -139,10 +139,10 @@ class LayerStack:
             B, T = h.shape[:2]
             g, packing = route(self.kernels, B * T), None
         else:
-            B, T = len(lengths), max(lengths)
-            g, packing = route(self.kernels, h.shape[0]), (B, T, _packed_index(lengths, T, h.device))
             if isinstance(pos, int):
                 raise ValueError("packed rows (lengths) need per-row positions (a (B,) tensor pos)")
+            B, T = len(lengths), max(lengths)
+            g, packing = route(self.kernels, h.shape[0]), (B, T, _packed_index(lengths, T, h.device))
         if isinstance(pos, int):
             cos, sin = self._cos[pos:pos + T], self._sin[pos:pos + T]  # (T, D)
             make_mask = lambda window: _attention_mask(pos, T, window, h.device)

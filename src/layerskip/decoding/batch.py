@@ -32,6 +32,7 @@ same acceptance rule per row, each with its own generator (`generate` seeds row 
 """
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass, field
 
@@ -245,7 +246,8 @@ def _greedy_drafts(logits: torch.Tensor, vocab: torch.Tensor | None,
 # What one more draft pass of a batch costs, in units of E / L of a full autoregressive step: the (B, 1) pass
 # through [0, E) and the draft head (0.41-0.46 of a step for E / L = 3/8 at B = 4 on the 2-core CPU), and the
 # verify rows it adds (about 0.03 of a step each): about 1.4 E / L. Paired in one process, 1.4 beat 1.0 in 4 of 6
-# repetitions (benchmarks/batch_stop_ab.py); serving runs, one floor per run, could not tell them apart (docs/benchmarks.md).
+# repetitions (benchmarks/batch_stop_ab.py); serving runs, one floor per run, could not tell them apart
+# (docs/benchmarks.md).
 PASS_COST = 1.4
 
 
@@ -338,7 +340,7 @@ def _speculative_round(stack: LayerStack, cache, rows: list[Row], E: int, d: int
             exits[b].append(h1[b])
     seqs = [torch.cat(e, 0) for e in exits]  # row b: (n_b + k_b, H)
     sizes = [s.shape[0] for s in seqs]
-    starts = [sum(sizes[:b]) for b in range(B)]  # row b's first token in the packed rows
+    starts = [0, *itertools.accumulate(sizes)][:B]  # row b's first token in the packed rows
     # packed: rows whose drafting stopped early cost no padded rows in [E, L)
     h = stack.run(torch.cat(seqs), E, stack.num_layers, cache, _positions(rows, device), late, lengths=sizes)
     wanted = torch.cat([h[o + n - 1:o + n + len(t)] for o, n, t in zip(starts, counts, drafts)])  # (sum k_b + 1, H)
