@@ -245,8 +245,8 @@ def _greedy_drafts(logits: torch.Tensor, vocab: torch.Tensor | None,
 
 # What one more draft pass of a batch costs, in units of E / L of a full autoregressive step: the (B, 1) pass
 # through [0, E) and the draft head (0.41-0.46 of a step for E / L = 3/8 at B = 4 on the 2-core CPU), and the
-# verify rows it adds (about 0.03 of a step each): about 1.4 E / L. Paired in one process, 1.4 beat 1.0 in 4 of 6
-# repetitions (benchmarks/batch_stop_ab.py); serving runs, one floor per run, could not tell them apart
+# verify rows it adds (about 0.03 of a step each): about 1.4 E / L. Paired in one process (benchmarks/
+# batch_stop_ab.py) it and 1.0 are within noise of each other, both 1.2x-1.35x the rounds without the stop
 # (docs/benchmarks.md).
 PASS_COST = 1.4
 
