@@ -3,9 +3,11 @@
 Four stages, so that training can run on a GPU machine while data, tokenizer and the speed sweep stay
 on the machine whose CPU the default (E, d) is chosen for:
 
-  prepare  the interpreter's standard library (train split, see layerskip.corpus) as JSONL; the
-           held-out modules as JSONL and as completion prompts; a byte-level BPE tokenizer trained on
-           the train split; the model config. Writes under OUT (default runs/default-model).
+  prepare  the training code as JSONL: the interpreter's standard library (train split, see layerskip.corpus) and
+           installed third-party packages (THIRD_PARTY_TRAIN, capped per package); the held-out stdlib modules as
+           JSONL and as completion prompts (for choosing (E, d, C) in `finish`), the held-out third-party
+           packages as JSONL and as completion prompts (for `report`, never for choosing); a byte-level BPE
+           tokenizer trained on the stdlib train split; the model config. Writes under OUT (runs/default-model).
   train    `layerskip train` twice with the same data and steps: LayerSkip (layer dropout + early-exit
            loss), and a baseline without either (last-layer loss only) for the comparison plot.
   distill  on-policy self-distillation in rounds: `layerskip selfgen` (the model's own greedy continuations of
@@ -14,9 +16,14 @@ on the machine whose CPU the default (E, d) is chosen for:
   finish   `layerskip sweep` on held-out prompts picks (E, d); they are stored in config.json under
            "layerskip", the draft vocabulary beside the weights in draft_vocab.json (layerskip.draft_vocab);
            the weights are saved in bfloat16 into src/layerskip/assets/default-model.
+  report   a model's figures on the held-out third-party packages, code no stage trained or chose on:
+           last-layer perplexity, 4-gram repetition of its greedy completions, self-speculative speed
+           against autoregressive at its stored settings (1 and 2 threads, side by side), acceptance,
+           identical output; and HumanEval pass@1. One JSON per model (--json).
 
     python scripts/build_default_model.py all            # everything, on this machine
     python scripts/build_default_model.py prepare        # then `train` where a GPU is, then `distill`, `finish`
+    python scripts/build_default_model.py report --model src/layerskip/assets/default-model --json r.json
 """
 from __future__ import annotations
 
@@ -42,8 +49,11 @@ BASELINE_FLAGS = ["--layer-dropout-max", "0", "--early-exit-scale", "0", "--curr
 # the confidence thresholds swept with (E, d).
 DRAFT_VOCAB = 1024
 THRESHOLDS = (0.0, 0.3, 0.5, 0.6, 0.7)
-# held-out completion prompts, by prompt shape: `finish` picks the cell best on both (geometric mean)
+# held-out completion prompts, by prompt shape: `finish` picks the cell best on both (geometric mean) on the stdlib
+# modules' prompts; `report` measures on the third-party packages' prompts, which no choice has seen
 HELDOUT_PROMPTS = {"def": "heldout_prompts.jsonl", "docstring": "heldout_docstring_prompts.jsonl"}
+REPORT_PROMPTS = {"def": "report_def_prompts.jsonl", "docstring": "report_docstring_prompts.jsonl"}
+THIRD_PARTY_CAP = 1_000_000  # characters per third-party package in train.jsonl (files spread over the package)
 TRAIN_FLAGS = ["--seq-len", "512", "--lr", "1e-3", "--warmup-steps", "100", "--weight-decay", "0.1",
                "--eval-fraction", "0.02"]
 
@@ -56,12 +66,14 @@ def sh(*cmd, **kw):
 def prepare(out: Path) -> None:
     from transformers import LlamaConfig
 
-    from layerskip.corpus import read_texts, stdlib_files
+    from layerskip.corpus import read_texts, stdlib_files, third_party_files
     from layerskip.tokenizer import train_bpe_tokenizer
 
     out.mkdir(parents=True, exist_ok=True)
     train_files, heldout_files = stdlib_files("train"), stdlib_files("heldout")
-    for name, files in (("train.jsonl", train_files), ("heldout.jsonl", heldout_files)):
+    third_train, third_heldout = third_party_files("train", max_chars_per_package=THIRD_PARTY_CAP), third_party_files("heldout")
+    for name, files in (("train.jsonl", train_files + third_train), ("heldout.jsonl", heldout_files),
+                        ("heldout_thirdparty.jsonl", round_robin(third_heldout))):
         with open(out / name, "w") as f:
             for text in read_texts(files):
                 f.write(json.dumps({"text": text}) + "\n")
@@ -69,9 +81,24 @@ def prepare(out: Path) -> None:
     config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **SHAPE)
     config.save_pretrained(out / "init")
-    for shape, name in HELDOUT_PROMPTS.items():
-        heldout_prompts(heldout_files, shape, out / name)
-    print(f"prepared {out}: {len(train_files)} train files, {len(heldout_files)} held-out files, vocab {len(tokenizer)}")
+    for shape in HELDOUT_PROMPTS:
+        heldout_prompts(heldout_files, shape, out / HELDOUT_PROMPTS[shape])
+        heldout_prompts(round_robin(third_heldout), shape, out / REPORT_PROMPTS[shape])
+    print(f"prepared {out}: {len(train_files)} + {len(third_train)} third-party train files, {len(heldout_files)} + "
+          f"{len(third_heldout)} held-out files, vocab {len(tokenizer)}")
+
+
+def round_robin(files: list[Path]) -> list[Path]:
+    """Site-packages files interleaved across their packages (first file of each, then the second, ...), so that
+    any first part of the list (a token budget) covers every package."""
+    from itertools import chain, zip_longest
+
+    from layerskip.corpus import site_packages_root
+
+    root, by_package = site_packages_root().resolve(), {}
+    for path in files:
+        by_package.setdefault(path.relative_to(root).parts[0], []).append(path)
+    return [p for p in chain.from_iterable(zip_longest(*by_package.values())) if p is not None]
 
 
 def heldout_prompts(files, shape: str, path: Path) -> None:
@@ -144,8 +171,8 @@ def distill(out: Path, dtype: str) -> None:
     shutil.copytree(model, out / "distilled", ignore=shutil.ignore_patterns("checkpoint-*"))
 
 
-def finish(out: Path, limit: int) -> None:
-    import json
+def finish(out: Path, limit: int, source: Path | None = None, dest: Path = ASSET) -> None:
+    """Sweep (E, d, C) for `source` (default: out/distilled, else out/layerskip) and save it, bf16, into `dest`."""
 
     import torch
 
@@ -154,8 +181,9 @@ def finish(out: Path, limit: int) -> None:
     from layerskip.models import load
     from layerskip.training.trainer import rank_draft_vocab
 
-    model_dir = out / "distilled"
-    model, tokenizer = load(str(model_dir if model_dir.exists() else out / "layerskip"))
+    if source is None:
+        source = out / "distilled" if (out / "distilled").exists() else out / "layerskip"
+    model, tokenizer = load(str(source))
     # the draft vocabulary: the training data's most frequent tokens (`layerskip train` stores them in
     # draft_vocab.json, which `load` attaches; a model trained before it did gets them here, from the same data)
     ranked = getattr(model, "draft_vocab_ids", None)
@@ -190,14 +218,82 @@ def finish(out: Path, limit: int) -> None:
                               "num_speculations": int(best["num_speculations"]),
                               "confidence_threshold": best["confidence_threshold"],
                               "recipe": "scripts/build_default_model.py (see docs/default_model.md)"}
-    with atomic_dir(ASSET) as tmp:
+    with atomic_dir(dest) as tmp:
         model.to(torch.bfloat16).save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         draft_vocabulary.write(tmp, draft_vocab)
     shutil.rmtree(tmp_model, ignore_errors=True)
-    print(f"default model written to {ASSET}: E={best['exit_layer']} d={best['num_speculations']} "
+    print(f"default model written to {dest}: E={best['exit_layer']} d={best['num_speculations']} "
           f"confidence threshold {best['confidence_threshold']:g}, draft vocabulary {len(draft_vocab)}: "
           f"speedup {float(best['speedup']):.2f}x")
+
+
+REPORT_TOKENS = 40_000  # teacher-forced positions of held-out third-party code for the perplexity
+REPORT_LIMIT = 24  # prompts of each shape
+
+
+def report(out: Path, model_dir: str, threads: list[int], humaneval: bool) -> dict:
+    """A model's figures on the held-out third-party packages (see the module doc)."""
+    import layerskip
+    from layerskip.evaluation.analyze import analyze_layers
+    from layerskip.decoding.result import ngram_repetition
+    from layerskip.evaluation.bench import run_bench
+    from layerskip.evaluation.tasks import load_task
+    from layerskip.runtime import set_threads
+
+    model, tokenizer = layerskip.load(model_dir)
+    model.float()  # fp32: lossless means token-identical there
+    texts = [json.loads(line)["text"] for line in open(out / "heldout_thirdparty.jsonl")]
+    set_threads(max(threads))
+    layers = analyze_layers(model, tokenizer, texts, max_tokens=REPORT_TOKENS, progress=True)
+    result = {"model": str(model_dir), "stored": getattr(model.config, "layerskip", None),
+              "perplexity": layers[-1].perplexity, "perplexity_tokens": layers[-1].num_tokens,
+              "agreement_by_exit": [round(s.agreement, 4) for s in layers],
+              "perplexity_by_exit": [round(s.perplexity, 2) for s in layers], "prompts": {}}
+    engine = layerskip.prepare(model, tune=True)
+    for shape, name in REPORT_PROMPTS.items():
+        task = load_task(f"jsonl:{out / name}", limit=REPORT_LIMIT)
+        for t in threads:  # side by side: both strategies in one run, the order rotated per prompt
+            set_threads(t)
+            bench = run_bench(model, tokenizer, task, strategies=["autoregressive", "self_speculative"],
+                              max_new_tokens=128, score=False, predict=False, engine=engine, model_name=str(model_dir))
+            ar, ss = bench.result("autoregressive"), bench.result("self_speculative")
+            per_prompt = [{"prompt": sample.prompt, "speedup": a.total_s / b.total_s if b.total_s else None,
+                           "repetition": ngram_repetition(ids)}
+                          for sample, a, b, ids in zip(task.samples, bench.stats["autoregressive"],
+                                                       bench.stats["self_speculative"], bench.token_ids["autoregressive"])]
+            result["prompts"][f"{shape}_{t}thread"] = {
+                "autoregressive_tokens_per_second": ar.tokens_per_second,
+                "self_speculative_tokens_per_second": ss.tokens_per_second, "speedup": ss.speedup,
+                "acceptance_rate": ss.acceptance_rate, "identical": ss.match_rate == 1.0,
+                "repetition": ar.metrics["repetition"], "settings": {
+                    "exit_layer": ss.exit_layer, "num_speculations": ss.num_speculations,
+                    "confidence_threshold": ss.confidence_threshold}, "per_prompt": per_prompt}
+            print(f"{shape}, {t} thread(s): {ss.speedup:.2f}x, acceptance {ss.acceptance_rate:.2f}, "
+                  f"identical {ss.match_rate == 1.0}, repetition {ar.metrics['repetition']:.2f}", flush=True)
+    if humaneval:
+        set_threads(max(threads))
+        bench = run_bench(model, tokenizer, load_task("humaneval"), strategies=["autoregressive"],
+                          max_new_tokens=128, predict=False, engine=engine, batch_size=8, warmup=False)
+        ar = bench.result("autoregressive")
+        result["humaneval"] = {"pass@1": ar.metrics.get("pass@1"), "repetition": ar.metrics["repetition"]}
+    shapes = result["prompts"].values()
+    print(f"{model_dir}: perplexity {result['perplexity']:.1f}, repetition "
+          f"{sum(r['repetition'] for r in shapes) / len(shapes):.2f}, speedup "
+          + ", ".join(f"{k} {r['speedup']:.2f}x" for k, r in result["prompts"].items())
+          + (f", HumanEval pass@1 {result['humaneval']['pass@1']}" if humaneval else ""))
+    result["typical_prompt"] = typical_prompt(result["prompts"][f"docstring_{min(threads)}thread"]["per_prompt"])
+    print("typical docstring prompt (median speedup and repetition):\n" + result["typical_prompt"])
+    return result
+
+
+def typical_prompt(per_prompt: list[dict]) -> str:
+    """The prompt nearest the median on both speedup and repetition (sum of the distances of its ranks from the
+    middle rank): what `make demo` shows, so that the demo is neither the fastest case nor the least repetitive."""
+    rows = [r for r in per_prompt if r["speedup"] is not None and r["repetition"] is not None]
+    mid = (len(rows) - 1) / 2
+    rank = {key: {id(r): i for i, r in enumerate(sorted(rows, key=lambda r: r[key]))} for key in ("speedup", "repetition")}
+    return min(rows, key=lambda r: abs(rank["speedup"][id(r)] - mid) + abs(rank["repetition"][id(r)] - mid))["prompt"]
 
 
 def csv_rows(path: Path):
@@ -209,14 +305,27 @@ def csv_rows(path: Path):
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("stage", choices=["prepare", "train", "distill", "finish", "all"])
+    p.add_argument("stage", choices=["prepare", "train", "distill", "finish", "all", "report"])
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "default-model")
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--runs", default="layerskip,baseline")
     p.add_argument("--sweep-limit", type=int, default=24)
+    p.add_argument("--model", help="report: the model to measure (default: the built-in one); finish: the model to "
+                   "sweep and save (default: OUT/distilled, else OUT/layerskip)")
+    p.add_argument("--dest", type=Path, default=ASSET, help="finish: where to save the model (default: the package)")
+    p.add_argument("--threads", default="1,2", help="report: thread counts to time with")
+    p.add_argument("--no-humaneval", action="store_true", help="report: skip HumanEval pass@1")
+    p.add_argument("--json", type=Path, help="report: where to write the figures")
     args = p.parse_args()
+    if args.stage == "report":
+        from layerskip.files import write_json
+
+        figures = report(args.out, args.model or str(ASSET), [int(t) for t in args.threads.split(",")], not args.no_humaneval)
+        if args.json:
+            write_json(args.json, figures)
+        return
     if args.stage in ("prepare", "all"):
         prepare(args.out)
     if args.stage in ("train", "all"):
@@ -224,7 +333,7 @@ def main() -> None:
     if args.stage in ("distill", "all"):
         distill(args.out, args.dtype)
     if args.stage in ("finish", "all"):
-        finish(args.out, args.sweep_limit)
+        finish(args.out, args.sweep_limit, Path(args.model) if args.model else None, args.dest)
 
 
 if __name__ == "__main__":

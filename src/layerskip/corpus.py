@@ -1,7 +1,7 @@
-"""The offline Python-code corpus: the interpreter's own standard library.
+"""The offline Python-code corpus: the interpreter's own standard library, and installed third-party packages.
 
-Every machine that runs layerskip has it, so training, tokenizer fitting and held-out evaluation need no
-download. What is in it:
+Every machine that runs layerskip has both, so training, tokenizer fitting and held-out evaluation need no
+download. What is in the standard-library part (`stdlib_files`):
 
 - every `*.py` file under `sysconfig.get_paths()["stdlib"]`, read as UTF-8 (files that do not decode are
   left out);
@@ -15,6 +15,12 @@ Split (deterministic, by top-level module, so no file of a held-out package leak
 `HELDOUT_MODULES` below, about 5% of the corpus by size on CPython 3.11. A module missing from an
 interpreter is simply absent from both splits. Files are listed in sorted relative-path order.
 
+The third-party part (`third_party_files`) is the pure-Python code of packages installed beside layerskip (its
+own dependencies and their dependencies: `THIRD_PARTY_TRAIN`, `THIRD_PARTY_HELDOUT`), all under permissive
+licences (BSD, MIT, Apache-2.0, PSF); MPL-licensed packages (certifi, hypothesis, tqdm) are not used. Test suites,
+vendored copies of other packages (`_vendor/`, `vendored/`, ...) and generated files (`*_pb2.py`) are left out, so
+no held-out package's code reaches training through another package's copy of it.
+
 Example:
     >>> from layerskip.corpus import stdlib_files, read_texts
     >>> texts = read_texts(stdlib_files("heldout"), max_chars=100_000)
@@ -22,6 +28,7 @@ Example:
 from __future__ import annotations
 
 import functools
+import re
 import sysconfig
 from pathlib import Path
 
@@ -40,6 +47,72 @@ HELDOUT_MODULES = frozenset({
 _EXCLUDED_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__",
                             "pydoc_data"})
 _GENERATED_MARKER = "gencodec.py"  # header line of the generated codec tables in encodings/
+
+
+# Installed packages (import names) whose code trains the built-in model. Big ones are capped per package by
+# `third_party_files(max_chars_per_package=...)`, which samples files spread over the package.
+THIRD_PARTY_TRAIN = (
+    "absl", "accelerate", "anyio", "click", "cloudpickle", "contourpy", "cycler", "datasets", "defusedxml", "dill",
+    "fastapi", "filelock", "fire", "fontTools", "fsspec", "gguf", "h11", "httpcore", "httpx", "huggingface_hub",
+    "iniconfig", "jinja2", "joblib", "markdown_it", "markupsafe", "matplotlib", "mdurl", "mpl_toolkits", "mpmath",
+    "multiprocess", "nltk", "numpy", "openai", "packaging", "pandas", "PIL", "pluggy", "prometheus_client", "psutil",
+    "pydantic", "pygments", "_pytest", "requests", "rich", "rouge_score", "safetensors", "setuptools", "six",
+    "sniffio", "starlette", "sympy", "termcolor", "tokenizers", "torch", "torchgen", "transformers", "typer",
+    "typing_extensions", "urllib3", "uvicorn", "yaml",
+)
+# Kept out of training for evaluation on code the model never saw: idiomatic pure-Python libraries with many
+# documented functions (graphs, sorted containers, dates, parsing, TOML, domain names).
+THIRD_PARTY_HELDOUT = ("networkx", "sortedcontainers", "dateutil", "pyparsing", "tomlkit", "idna")
+
+_VENDORED_DIRS = frozenset({"_vendor", "vendor", "_vendored", "vendored", "externals", "_externals", "extern",
+                            "_extern", "testing", "_testing", "conftest"})
+_GENERATED_NAME = re.compile(r"_pb2(_grpc)?\.py$")
+
+
+def site_packages_root() -> Path:
+    """The running interpreter's site-packages directory (a virtual environment's own, inside one)."""
+    return Path(sysconfig.get_paths()["purelib"])
+
+
+def third_party_files(split: str = "train", root: Path | str | None = None,
+                      max_chars_per_package: int | None = None) -> list[Path]:
+    """The installed third-party packages' code files of one split.
+
+    Args:
+        split: "train" (`THIRD_PARTY_TRAIN`), "heldout" (`THIRD_PARTY_HELDOUT`) or "all".
+        root: the site-packages directory to scan; default: the running interpreter's.
+        max_chars_per_package: a size budget per package, taken as files spread over it (`spread`); None: all.
+    Returns:
+        Absolute paths, package by package in the order of the tuples above, each sorted by relative path.
+        Packages that are not installed are skipped.
+    """
+    if split not in SPLITS:
+        raise LayerSkipError(f"unknown corpus split {split!r}; choose from {', '.join(SPLITS)}")
+    root = Path(root) if root is not None else site_packages_root()
+    if not root.is_dir():
+        raise LayerSkipError(f"site-packages directory not found: {root}")
+    names = {"train": THIRD_PARTY_TRAIN, "heldout": THIRD_PARTY_HELDOUT,
+             "all": THIRD_PARTY_TRAIN + THIRD_PARTY_HELDOUT}[split]
+    files: list[Path] = []
+    for name in names:
+        found = _package_files(root.resolve(), name)
+        files += spread(found, max_chars_per_package) if max_chars_per_package is not None else found
+    return files
+
+
+def _package_files(root: Path, name: str) -> list[Path]:
+    """Code files of one installed package (`name/` or `name.py` under `root`), sorted by relative path."""
+    if (root / f"{name}.py").is_file():
+        return [root / f"{name}.py"] if _is_code(root / f"{name}.py") else []
+    found = []
+    for path in (root / name).rglob("*.py") if (root / name).is_dir() else ():
+        rel = path.relative_to(root)
+        dirs = set(rel.parts[:-1])
+        if (dirs & (_EXCLUDED_DIRS | _VENDORED_DIRS) or rel.name.startswith("test_") or rel.name == "conftest.py"
+                or _GENERATED_NAME.search(rel.name) or not path.is_file() or not _is_code(path)):
+            continue
+        found.append((rel.as_posix(), path))
+    return [path for _, path in sorted(found)]
 
 
 def stdlib_root() -> Path:
