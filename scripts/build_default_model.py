@@ -37,6 +37,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSET = ROOT / "src" / "layerskip" / "assets" / "default-model"
+DEMO_PROMPT_FILE = ROOT / "src" / "layerskip" / "assets" / "demo_prompt.txt"  # `layerskip demo` shows it
 
 SHAPE = dict(num_hidden_layers=8, hidden_size=384, intermediate_size=768, num_attention_heads=6,
              num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True, rope_theta=10000.0)
@@ -253,6 +254,12 @@ def report(out: Path, model_dir: str, threads: list[int], humaneval: bool) -> di
     engine = layerskip.prepare(model, tune=True)
     for shape, name in REPORT_PROMPTS.items():
         task = load_task(f"jsonl:{out / name}", limit=REPORT_LIMIT)
+        # the same figure for the code that really follows each prompt (its first 400 characters, up to 128 tokens):
+        # what a model that writes code rather than loops comes near
+        refs = [ngram_repetition(tokenizer(s.reference, add_special_tokens=False)["input_ids"][:128])
+                for s in task.samples]
+        refs = [r for r in refs if r is not None]
+        result.setdefault("reference_repetition", {})[shape] = sum(refs) / len(refs)
         for t in threads:  # side by side: both strategies in one run, the order rotated per prompt
             set_threads(t)
             bench = run_bench(model, tokenizer, task, strategies=["autoregressive", "self_speculative"],
@@ -318,13 +325,17 @@ def main() -> None:
     p.add_argument("--threads", default="1,2", help="report: thread counts to time with")
     p.add_argument("--no-humaneval", action="store_true", help="report: skip HumanEval pass@1")
     p.add_argument("--json", type=Path, help="report: where to write the figures")
+    p.add_argument("--demo-prompt", type=Path, help="report: write the typical prompt there (what `make demo` "
+                   f"shows is {DEMO_PROMPT_FILE.relative_to(ROOT)})")
     args = p.parse_args()
     if args.stage == "report":
-        from layerskip.files import write_json
+        from layerskip.files import write_json, write_text
 
         figures = report(args.out, args.model or str(ASSET), [int(t) for t in args.threads.split(",")], not args.no_humaneval)
         if args.json:
             write_json(args.json, figures)
+        if args.demo_prompt:
+            write_text(args.demo_prompt, figures["typical_prompt"])
         return
     if args.stage in ("prepare", "all"):
         prepare(args.out)

@@ -121,6 +121,13 @@ def test_demo_runs_both_strategies_and_checks_they_agree(tiny_checkpoint, capsys
     assert "[autoregressive | 10 tokens" in out and "[self-speculative | 10 tokens" in out
     assert "output identical" in out
     assert re.search(r"4-gram repetition of the completion: (0|1)\.\d\d ", out)
+    # the default prompt is the packaged held-out one; of its lines the demo prints the last ones
+    from layerskip.decoding.cli import DEMO_PROMPT_FILE, DEMO_PROMPT_LINES
+
+    lines = DEMO_PROMPT_FILE.read_text().splitlines(keepends=True)
+    assert len(lines) > DEMO_PROMPT_LINES
+    assert f"[... {len(lines) - DEMO_PROMPT_LINES} earlier lines of the prompt]" in out
+    assert "".join(lines[-DEMO_PROMPT_LINES:]) in out and lines[0] not in out
 
 
 def test_demo_rejects_bad_repeats(tiny_checkpoint, capsys):

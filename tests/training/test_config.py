@@ -77,6 +77,8 @@ def test_bad_recipes_are_rejected(tmp_path, text, message):
     (dict(early_exit_scale=2.0), "early-exit-scale"),
     (dict(curriculum="random"), "curriculum"),
     (dict(early_exit_targets="soft"), "early-exit-targets"),
+    (dict(unlikelihood=-0.5), "unlikelihood"),
+    (dict(unlikelihood=float("nan")), "unlikelihood"),
     (dict(layer_dropout_schedule="cosine"), "layer-dropout-schedule"),
     (dict(layer_dropout_depth="cubic"), "layer-dropout-depth"),
     (dict(rotation=0), "rotation"),

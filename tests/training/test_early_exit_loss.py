@@ -234,3 +234,73 @@ def test_soft_and_hard_self_distillation_chunked_with_ignored_positions():
             torch.testing.assert_close(loss, ref)
             for g, r in zip(torch.autograd.grad(loss, [head, *hidden.values()]), ref_grads):
                 torch.testing.assert_close(g, r)
+
+
+def _reference_unlikelihood(logits, labels, eps=1e-5):
+    """Slow and obvious: for each position i that predicts labels[b, i + 1], -sum log(1 - p(c)) over the distinct
+    valid tokens c of labels[b, :i + 1] other than labels[b, i + 1]; the mean over the valid positions."""
+    B, T = labels.shape
+    total, count = 0.0, 0
+    for b in range(B):
+        for i in range(T - 1):
+            y = int(labels[b, i + 1])
+            if y == -100:
+                continue
+            count += 1
+            p = logits[b, i].softmax(-1)
+            for c in {int(t) for t in labels[b, : i + 1] if int(t) != -100} - {y}:
+                total = total - torch.log(torch.clamp(1 - p[c], min=eps))
+    return total / max(count, 1)
+
+
+@pytest.mark.parametrize("chunk", [None, 1, 4])
+def test_unlikelihood_equals_the_hand_computation(chunk):
+    torch.manual_seed(0)
+    V, H = 13, 6
+    head = torch.randn(V, H, requires_grad=True)
+    norm = torch.nn.LayerNorm(H)
+    hidden = {1: torch.randn(2, 9, H, requires_grad=True), 3: torch.randn(2, 9, H, requires_grad=True)}
+    labels = torch.randint(0, 5, (2, 9))  # few ids: the context repeats them
+    labels[1, 2:4] = -100
+    weights, alpha = {1: 0.4, 3: 0.6}, 0.7
+    loss, per_exit = early_exit_loss(hidden, labels, norm, head, weights, chunk_tokens=chunk, unlikelihood=alpha)
+    ref = 0
+    for l, w in weights.items():
+        logits = exit_logits(hidden[l][:, :-1], norm, head)
+        ref = ref + w * F.cross_entropy(logits.reshape(-1, V), labels[:, 1:].reshape(-1), ignore_index=-100)
+    ul = _reference_unlikelihood(exit_logits(hidden[3], norm, head), labels)
+    assert ul > 0
+    ref = ref + alpha * weights[3] * ul
+    torch.testing.assert_close(loss, ref)
+    # the per-exit losses stay the cross-entropies
+    plain, plain_exits = early_exit_loss(hidden, labels, norm, head, weights, chunk_tokens=chunk)
+    for l in weights:
+        torch.testing.assert_close(per_exit[l], plain_exits[l])
+    assert loss > plain
+    got = torch.autograd.grad(loss, [head, hidden[1], hidden[3]])
+    want = torch.autograd.grad(ref, [head, hidden[1], hidden[3]])
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+
+
+def test_unlikelihood_gradcheck_with_self_distillation():
+    torch.manual_seed(1)
+    head = torch.randn(7, 3, dtype=torch.float64, requires_grad=True)
+    h = torch.randn(2, 5, 3, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(2, 5, 3, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 4, (2, 5))
+
+    def fn(head, h, g):
+        return early_exit_loss({0: h, 2: g}, labels, torch.nn.Identity(), head, {0: 0.3, 2: 0.7}, chunk_tokens=3,
+                               exit_targets="final", unlikelihood=0.5)[0]
+
+    assert torch.autograd.gradcheck(fn, (head, h, g))
+
+
+def test_unlikelihood_only_while_training(tiny_llama):
+    L = tiny_llama.config.num_hidden_layers
+    ids = torch.randint(0, 8, (2, 10), generator=torch.Generator().manual_seed(2))
+    plain = LayerSkipModel(tiny_llama, LayerDropout(L, 0.0), Curriculum("none", L), 0.3)
+    ul = LayerSkipModel(tiny_llama, LayerDropout(L, 0.0), Curriculum("none", L), 0.3, unlikelihood=1.0)
+    assert ul.train()(ids).loss > plain.train()(ids).loss
+    torch.testing.assert_close(ul.eval()(ids).loss, plain.eval()(ids).loss)

@@ -135,6 +135,10 @@ def _add_train_parser(subparsers) -> argparse.ArgumentParser:
                    help="what early exits learn: labels (the data; default, as in the paper), final (the last "
                         "layer's own greedy prediction: self-distillation, which is what drafting needs) or "
                         "final-soft (the last layer's whole distribution)")
+    g.add_argument("--unlikelihood", type=float, metavar="A",
+                   help="weight of a token-level unlikelihood term on the last layer (Welleck et al. 2020): pushes "
+                        "down tokens already in the context other than the true next one, against greedy loops "
+                        "(default: 0 = off)")
     g.add_argument("--curriculum", metavar="C", help="rotational (default), gradual, none (every layer), last (no early exit)")
     g.add_argument("--rotation", type=int, metavar="R", help="rotational curriculum period (default: 8)")
     g.add_argument("--preset", help=f"paper settings: {', '.join(PRESETS)}")

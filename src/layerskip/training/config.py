@@ -58,6 +58,7 @@ class TrainConfig:
     early_exit_scale: float = 0.2  # e_scale
     early_exit_weights: list[float] | None = None  # explicit e(l), one per layer, in place of e_scale's formula
     early_exit_targets: str = "labels"  # what exits before the last learn: "labels" (the data), "final", "final-soft"
+    unlikelihood: float = 0.0  # alpha of the last layer's token-level unlikelihood term (0 = none)
     curriculum: str = "rotational"
     rotation: int = 8  # R
     # bookkeeping
@@ -182,6 +183,7 @@ def validate(c: TrainConfig) -> None:
          f"--layer-dropout-schedule must be one of {', '.join(TIME_SCALES)}, got {c.layer_dropout_schedule!r}"),
         (c.early_exit_targets not in EXIT_TARGETS,
          f"--early-exit-targets must be one of {', '.join(EXIT_TARGETS)}, got {c.early_exit_targets!r}"),
+        (not 0.0 <= c.unlikelihood < math.inf, f"--unlikelihood must be a number >= 0, got {c.unlikelihood}"),
         (c.curriculum not in CURRICULA, f"--curriculum must be one of {', '.join(CURRICULA)}, got {c.curriculum!r}"),
         (c.rotation < 1, f"--rotation must be >= 1, got {c.rotation}"),
         (c.max_steps < 1, f"--max-steps must be >= 1, got {c.max_steps}"),

@@ -19,6 +19,11 @@ Terminology:
 
 The true final output h_{L-1} is always in the loss (torchtune's recipe feeds h_{L-2} as "the last layer").
 
+Unlikelihood (optional, the last exit only; Welleck et al., ICLR 2020, "token-level"): alpha * w(t, L-1) * UL with
+  UL = mean over positions i of  - sum_{c in C_i} log(1 - p_i(c)),   C_i = {tokens of the row up to i} - {y_i},
+which pushes down the tokens the context already holds, except the true next one: greedy decoding of a small model
+then loops less (repeating the context is what it is taught against), at a small cost in perplexity. 0 = off.
+
 Memory: logits are never alive for more than one chunk of tokens of one exit (plus the teacher's, when
 distilling). `SharedHeadCrossEntropy` computes each chunk's loss and, in the same pass, its gradient with respect
 to the exit's hidden state and the head weight (softmax - target, times the exit's weight); backward only scales
@@ -81,6 +86,7 @@ def early_exit_loss(
     weights: dict[int, float],
     chunk_tokens: int | None = None,
     exit_targets: str = "labels",
+    unlikelihood: float = 0.0,
 ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
     """J = sum_l w_l CE(head(norm(h_l)), y_l), next-token targets (position i predicts labels[i + 1]).
 
@@ -94,6 +100,7 @@ def early_exit_loss(
         exit_targets: "labels" (the data, for every exit), "final" (exits before the last learn the last
             layer's argmax) or "final-soft" (its whole distribution); see the module docstring. Exits of
             weight 0 are scored against the data either way.
+        unlikelihood: alpha >= 0, the weight of the last exit's unlikelihood term (module docstring); 0 = none.
     Returns:
         (J, {l: CE of exit l against its targets, detached}).
     """
@@ -107,32 +114,49 @@ def early_exit_loss(
     need_grad = torch.is_grad_enabled() and (head_weight.requires_grad or any(x.requires_grad for x in xs))
     distill = exit_targets != "labels"
     distilled = tuple(distill and l != last and weights[l] != 0.0 for l in order)
+    first_seen = first_positions(labels, head_weight.shape[0]) if unlikelihood else None
     loss, losses = SharedHeadCrossEntropy.apply(
         head_weight, targets, tuple(weights[l] for l in order), distilled, exit_targets == "final-soft", chunk,
-        need_grad, *xs
+        need_grad, float(unlikelihood), first_seen, *xs
     )
     return loss, {l: losses[order.index(l)] for l in sorted(weights)}
+
+
+def first_positions(labels: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """(B, V): the first position of each token id in each row of `labels` (B, T), T where it does not occur
+    (ignored positions do not count). Position i's unlikelihood candidates are the ids whose first position is <= i."""
+    B, T = labels.shape
+    pos = torch.arange(T, device=labels.device).expand(B, T)
+    pos = torch.where(labels != IGNORE_INDEX, pos, T)
+    first = torch.full((B, vocab_size), T, dtype=pos.dtype, device=labels.device)
+    return first.scatter_reduce_(1, labels.clamp(min=0), pos, reduce="amin")
+
+
+_UL_EPS = 1e-5  # 1 - p is clamped here inside the log (a candidate the model is sure of gets no gradient)
 
 
 class SharedHeadCrossEntropy(torch.autograd.Function):
     """sum_k w_k CE(x_k W^T, y_k) over exits k sharing the head W, in token chunks, gradients formed in forward.
 
-    forward(W (V, H), y (N,), w (K floats), distilled (K bools), soft, chunk, need_grad, x_1..x_K (N, H) each)
-    -> (J (), losses (K,)). y_k is the data y, except for a distilled exit k: the first exit's argmax (soft:
+    forward(W (V, H), y (N,), w (K floats), distilled (K bools), soft, chunk, need_grad, alpha, first_seen (B, V) or
+    None, x_1..x_K (N, H) each) -> (J (), losses (K,)); with alpha > 0, J adds alpha * w_1 * the first exit's
+    unlikelihood (N = B * (T - 1): row r is position r % (T - 1) of sequence r // (T - 1)). y_k is the data y, except for a distilled exit k: the first exit's argmax (soft:
     its softmax, a distribution), computed from the same chunk's logits and held constant (no gradient).
     """
 
     @staticmethod
-    def forward(ctx, weight, targets, exit_w, distilled, soft, chunk, need_grad, *xs):
+    def forward(ctx, weight, targets, exit_w, distilled, soft, chunk, need_grad, alpha, first_seen, *xs):
         valid = targets != IGNORE_INDEX  # (N,)
         safe_targets = targets.clamp(min=0)  # (N,)
         count = valid.sum().clamp(min=1)  # ()  tokens that count, no host sync
         acc = torch.promote_types(weight.dtype, torch.float32)
         grad_w = torch.zeros_like(weight) if need_grad and ctx.needs_input_grad[0] else None  # (V, H)
-        want_x = [need_grad and w != 0.0 and ctx.needs_input_grad[7 + k] for k, w in enumerate(exit_w)]
+        want_x = [need_grad and w != 0.0 and ctx.needs_input_grad[9 + k] for k, w in enumerate(exit_w)]
         grad_xs = [torch.empty_like(x) if want else None for x, want in zip(xs, want_x)]  # (N, H) each
         totals = [torch.zeros((), dtype=acc, device=weight.device) for _ in xs]
         teach = any(distilled)
+        unlikely = torch.zeros((), dtype=acc, device=weight.device)
+        per_row = targets.shape[0] // first_seen.shape[0] if alpha else 0  # T - 1
         for s in range(0, targets.shape[0], chunk):
             tc, vc = safe_targets[s : s + chunk], valid[s : s + chunk]
             rows = torch.arange(tc.shape[0], device=tc.device)
@@ -149,6 +173,17 @@ class SharedHeadCrossEntropy(torch.autograd.Function):
                 totals[k] = totals[k] + ((lse - picked) * vc).sum()
                 if k == 0 and teach:
                     teacher = (logits - lse[:, None]).exp() if soft else logits.argmax(-1)
+                ul_grad = None
+                if k == 0 and alpha:
+                    r = torch.arange(s, s + tc.shape[0], device=tc.device)
+                    cand = first_seen[r // per_row] <= (r % per_row)[:, None]  # (c, V)  seen up to here
+                    cand[rows, tc] = False  # ... except the true next token
+                    p = (logits - lse[:, None]).exp()  # (c, V)
+                    keep = 1.0 - p
+                    unlikely = unlikely - (keep.clamp(min=_UL_EPS).log() * cand).sum(-1).mul(vc).sum()
+                    if want_x[k] or grad_w is not None:
+                        q = torch.where(cand & (keep > _UL_EPS), p / keep.clamp(min=_UL_EPS), 0.0)  # (c, V)
+                        ul_grad = q - p * q.sum(-1, keepdim=True)  # d(-sum_c log(1 - p_c)) / dlogits
                 if not (want_x[k] or (grad_w is not None and w != 0.0)):
                     continue
                 probs = logits.sub_(lse[:, None]).exp_()  # (c, V) softmax, in place
@@ -156,6 +191,8 @@ class SharedHeadCrossEntropy(torch.autograd.Function):
                     probs -= teacher
                 else:
                     probs[rows, teacher if distilled[k] else tc] -= 1.0  # softmax - one-hot
+                if ul_grad is not None:
+                    probs.add_(ul_grad, alpha=alpha)
                 probs.mul_((vc.to(acc) * w / count)[:, None])  # dJ/dlogits for this chunk
                 g = probs.to(weight.dtype)
                 if want_x[k]:
@@ -164,6 +201,8 @@ class SharedHeadCrossEntropy(torch.autograd.Function):
                     grad_w.addmm_(g.t(), xc)  # (V, H)
         losses = torch.stack([t / count for t in totals])  # (K,)
         loss = (losses * torch.tensor(exit_w, dtype=losses.dtype, device=losses.device)).sum()
+        if alpha:
+            loss = loss + alpha * exit_w[0] * unlikely / count
         ctx.has_grad_w = grad_w is not None
         ctx.grad_x_mask = [g is not None for g in grad_xs]
         ctx.save_for_backward(*([grad_w] if grad_w is not None else []), *[g for g in grad_xs if g is not None])
@@ -175,4 +214,4 @@ class SharedHeadCrossEntropy(torch.autograd.Function):
         saved = list(ctx.saved_tensors)
         grad_w = saved.pop(0) * grad_loss if ctx.has_grad_w else None
         grad_xs = [saved.pop(0) * grad_loss if has else None for has in ctx.grad_x_mask]
-        return (grad_w, None, None, None, None, None, None, *grad_xs)
+        return (grad_w, None, None, None, None, None, None, None, None, *grad_xs)

@@ -53,6 +53,8 @@ class LayerSkipModel(nn.Module):
         rank: this process's data-parallel rank (seeds its masks; each rank drops its own samples).
         exit_targets: what exits before the last learn while training: "labels" (the data), "final" (the
             last layer's greedy prediction) or "final-soft" (its distribution); see early_exit_loss. Evaluation always scores against the data.
+        unlikelihood: alpha of the last exit's token-level unlikelihood term while training (0 = none; see
+            early_exit_loss). Evaluation leaves it out.
     """
 
     def __init__(
@@ -65,6 +67,7 @@ class LayerSkipModel(nn.Module):
         chunk_tokens: int | None = None,
         exit_targets: str = "labels",
         early_exit_weights: list[float] | None = None,
+        unlikelihood: float = 0.0,
     ):
         super().__init__()
         self.model = causal_lm.model
@@ -79,6 +82,7 @@ class LayerSkipModel(nn.Module):
         self.rank = rank
         self.chunk_tokens = chunk_tokens
         self.exit_targets = exit_targets
+        self.unlikelihood = unlikelihood
         self.num_layers = len(self.model.layers)
         self.early_exit_weights = None if early_exit_weights is None else check_scales(early_exit_weights, self.num_layers)
         if getattr(self.lm_head, "bias", None) is not None:
@@ -111,7 +115,7 @@ class LayerSkipModel(nn.Module):
         hidden = self.hidden_states(input_ids, keep, exits=set(weights))
         loss, losses = early_exit_loss(
             hidden, labels, self.model.norm, self.lm_head.weight, weights, self.chunk_tokens,
-            self.exit_targets if self.training else "labels",
+            self.exit_targets if self.training else "labels", self.unlikelihood if self.training else 0.0,
         )
         return StepOutput(loss, losses, weights, keep)
 

@@ -216,6 +216,7 @@ def train(config: TrainConfig) -> TrainResult:
         rank=args.process_index,
         exit_targets=config.early_exit_targets,
         early_exit_weights=config.early_exit_weights,
+        unlikelihood=config.unlikelihood,
     ).train()
     stats, log = StepStats(), TrainingLog(out)
     logger = StepLogger(stats, model.schedule, log)
