@@ -37,7 +37,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSET = ROOT / "src" / "layerskip" / "assets" / "default-model"
-DEMO_PROMPT_FILE = ROOT / "src" / "layerskip" / "assets" / "demo_prompt.txt"  # `layerskip demo` shows it
 
 SHAPE = dict(num_hidden_layers=8, hidden_size=384, intermediate_size=768, num_attention_heads=6,
              num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True, rope_theta=10000.0)
@@ -326,7 +325,7 @@ def main() -> None:
     p.add_argument("--no-humaneval", action="store_true", help="report: skip HumanEval pass@1")
     p.add_argument("--json", type=Path, help="report: where to write the figures")
     p.add_argument("--demo-prompt", type=Path, help="report: write the typical prompt there (what `make demo` "
-                   f"shows is {DEMO_PROMPT_FILE.relative_to(ROOT)})")
+                   "shows is src/layerskip/assets/demo_prompt.txt, layerskip.decoding.cli.DEMO_PROMPT_FILE)")
     args = p.parse_args()
     if args.stage == "report":
         from layerskip.files import write_json, write_text

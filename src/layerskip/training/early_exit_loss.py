@@ -139,9 +139,10 @@ class SharedHeadCrossEntropy(torch.autograd.Function):
     """sum_k w_k CE(x_k W^T, y_k) over exits k sharing the head W, in token chunks, gradients formed in forward.
 
     forward(W (V, H), y (N,), w (K floats), distilled (K bools), soft, chunk, need_grad, alpha, first_seen (B, V) or
-    None, x_1..x_K (N, H) each) -> (J (), losses (K,)); with alpha > 0, J adds alpha * w_1 * the first exit's
-    unlikelihood (N = B * (T - 1): row r is position r % (T - 1) of sequence r // (T - 1)). y_k is the data y, except for a distilled exit k: the first exit's argmax (soft:
-    its softmax, a distribution), computed from the same chunk's logits and held constant (no gradient).
+    None, x_1..x_K (N, H) each) -> (J (), losses (K,)). y_k is the data y, except for a distilled exit k: the
+    first exit's argmax (soft: its softmax, a distribution), computed from the same chunk's logits and held
+    constant (no gradient). With alpha > 0, J adds alpha * w_1 * the first exit's unlikelihood (N = B * (T - 1):
+    row r is position r % (T - 1) of sequence r // (T - 1)).
     """
 
     @staticmethod
@@ -173,7 +174,7 @@ class SharedHeadCrossEntropy(torch.autograd.Function):
                 totals[k] = totals[k] + ((lse - picked) * vc).sum()
                 if k == 0 and teach:
                     teacher = (logits - lse[:, None]).exp() if soft else logits.argmax(-1)
-                ul_grad = None
+                p = ul_grad = None
                 if k == 0 and alpha:
                     r = torch.arange(s, s + tc.shape[0], device=tc.device)
                     cand = first_seen[r // per_row] <= (r % per_row)[:, None]  # (c, V)  seen up to here
@@ -186,7 +187,7 @@ class SharedHeadCrossEntropy(torch.autograd.Function):
                         ul_grad = q - p * q.sum(-1, keepdim=True)  # d(-sum_c log(1 - p_c)) / dlogits
                 if not (want_x[k] or (grad_w is not None and w != 0.0)):
                     continue
-                probs = logits.sub_(lse[:, None]).exp_()  # (c, V) softmax, in place
+                probs = p if p is not None else logits.sub_(lse[:, None]).exp_()  # (c, V) softmax
                 if distilled[k] and soft:
                     probs -= teacher
                 else:
