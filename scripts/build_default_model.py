@@ -20,10 +20,15 @@ on the machine whose CPU the default (E, d) is chosen for:
            last-layer perplexity, 4-gram repetition of its greedy completions, self-speculative speed
            against autoregressive at its stored settings (1 and 2 threads, side by side), acceptance,
            identical output; and HumanEval pass@1. One JSON per model (--json).
+  layers   a model's per-layer agreement and perplexity on the held-out stdlib modules (`layerskip analyze`,
+           teacher-forced, 20,000 tokens), plotted beside the recorded curves of the two models `train` made from
+           scratch on the same data: with LayerSkip and without (BASELINE_LAYERS). --json names the CSV; the PNG
+           goes beside it.
 
     python scripts/build_default_model.py all            # everything, on this machine
     python scripts/build_default_model.py prepare        # then `train` where a GPU is, then `distill`, `finish`
     python scripts/build_default_model.py report --model src/layerskip/assets/default-model --json r.json
+    python scripts/build_default_model.py layers --model runs/cand/c2-final --json docs/results/default-model/x.csv
 """
 from __future__ import annotations
 
@@ -54,6 +59,10 @@ THRESHOLDS = (0.0, 0.3, 0.5, 0.6, 0.7)
 HELDOUT_PROMPTS = {"def": "heldout_prompts.jsonl", "docstring": "heldout_docstring_prompts.jsonl"}
 REPORT_PROMPTS = {"def": "report_def_prompts.jsonl", "docstring": "report_docstring_prompts.jsonl"}
 THIRD_PARTY_CAP = 1_000_000  # characters per third-party package in train.jsonl (files spread over the package)
+# `train`'s two models from scratch, analysed on OUT/heldout.jsonl (20,000 tokens); the weights are not kept
+BASELINE_LAYERS = ROOT / "docs" / "results" / "default-model" / "layers_layerskip_vs_baseline.csv"
+BASELINE_LABELS = {"runs/default-model/layerskip": "from scratch, LayerSkip (train stage)",
+                   "runs/default-model/baseline": "from scratch, no LayerSkip (baseline)"}
 TRAIN_FLAGS = ["--seq-len", "512", "--lr", "1e-3", "--warmup-steps", "100", "--weight-decay", "0.1",
                "--eval-fraction", "0.02"]
 
@@ -293,6 +302,28 @@ def report(out: Path, model_dir: str, threads: list[int], humaneval: bool) -> di
     return result
 
 
+def layers(out: Path, model_dir: str, csv_path: Path) -> None:
+    """The model's per-layer curve beside the recorded from-scratch LayerSkip and baseline curves: csv_path and its
+    PNG."""
+    from layerskip import files
+    from layerskip.evaluation import plots
+    from layerskip.evaluation.analyze import FIELDS
+
+    scratch = out / "layers-analyze"
+    sh(sys.executable, "-m", "layerskip", "analyze", "--model", model_dir, "--data", out / "heldout.jsonl",
+       "--max-tokens", "20000", "--threads", "2", "--out", scratch)
+    rows = [{**r, "model": BASELINE_LABELS.get(r["model"], r["model"])} for r in csv_rows(BASELINE_LAYERS)]
+    rows += [{**r, "model": model_dir} for r in csv_rows(scratch / "layers.csv")]
+    curves: dict[str, list[dict]] = {}
+    for r in rows:
+        curves.setdefault(r["model"], []).append(r)
+    files.write_csv(csv_path, rows, FIELDS)
+    plots.plot_layer_analysis(curves, csv_path.with_suffix(".png"),
+                              title="held-out standard-library modules, teacher-forced, 20,000 tokens")
+    for label, rs in curves.items():
+        print(label, " ".join(f"{float(r['agreement']):.2f}" for r in rs), f"ppl {float(rs[-1]['perplexity']):.1f}")
+
+
 def typical_prompt(per_prompt: list[dict]) -> str:
     """The prompt nearest the median on both speedup and repetition (sum of the distances of its ranks from the
     middle rank): what `make demo` shows, so that the demo is neither the fastest case nor the least repetitive."""
@@ -311,19 +342,19 @@ def csv_rows(path: Path):
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("stage", choices=["prepare", "train", "distill", "finish", "all", "report"])
+    p.add_argument("stage", choices=["prepare", "train", "distill", "finish", "all", "report", "layers"])
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "default-model")
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--runs", default="layerskip,baseline")
     p.add_argument("--sweep-limit", type=int, default=24)
-    p.add_argument("--model", help="report: the model to measure (default: the built-in one); finish: the model to "
+    p.add_argument("--model", help="report, layers: the model to measure (default: the built-in one); finish: the model to "
                    "sweep and save (default: OUT/distilled, else OUT/layerskip)")
     p.add_argument("--dest", type=Path, default=ASSET, help="finish: where to save the model (default: the package)")
     p.add_argument("--threads", default="1,2", help="report: thread counts to time with")
     p.add_argument("--no-humaneval", action="store_true", help="report: skip HumanEval pass@1")
-    p.add_argument("--json", type=Path, help="report: where to write the figures")
+    p.add_argument("--json", type=Path, help="report: where to write the figures; layers: the CSV to write")
     p.add_argument("--demo-prompt", type=Path, help="report: write the typical prompt there (what `make demo` "
                    "shows is src/layerskip/assets/demo_prompt.txt, layerskip.decoding.cli.DEMO_PROMPT_FILE)")
     args = p.parse_args()
@@ -335,6 +366,11 @@ def main() -> None:
             write_json(args.json, figures)
         if args.demo_prompt:
             write_text(args.demo_prompt, figures["typical_prompt"])
+        return
+    if args.stage == "layers":
+        if not args.json:
+            sys.exit("layers: --json CSV is required (the plot goes beside it)")
+        layers(args.out, args.model or str(ASSET), args.json)
         return
     if args.stage in ("prepare", "all"):
         prepare(args.out)
