@@ -10,6 +10,10 @@ on the machine whose CPU the default (E, d) is chosen for:
            tokenizer trained on the stdlib train split; the model config. Writes under OUT (runs/default-model).
   train    `layerskip train` twice with the same data and steps: LayerSkip (layer dropout + early-exit
            loss), and a baseline without either (last-layer loss only) for the comparison plot.
+  continue (issue 23's candidates 1-4; not part of `all`, not shipped) the pretrained model continued on the standard
+           library + third-party code (CONTINUE_ROUNDS, about 2 s a step on 2 cores, 2 hours in all), every exit
+           learning the last layer's argmax, then rounds with a growing token-level unlikelihood term on the last
+           layer against greedy loops; `finish --model OUT/continued --dest D` then sweeps and saves it
   distill  on-policy self-distillation in rounds: `layerskip selfgen` (the model's own greedy continuations of
            prompts cut from the train split), then `layerskip train --early-exit-targets final` on them
            (DISTILL_FLAGS below; CPU-sized: about 13 + 18 minutes a round on 2 cores, three rounds)
@@ -180,6 +184,29 @@ def distill(out: Path, dtype: str) -> None:
     shutil.copytree(model, out / "distilled", ignore=shutil.ignore_patterns("checkpoint-*"))
 
 
+# `continue`: rounds of `layerskip train`, each from the previous round's model, on OUT/train.jsonl (8 x 512 tokens a
+# step, bf16 autocast, cosine, 30 warm-up steps, weight decay 0.1, layer dropout 0.1, every exit on and learning the
+# last layer's argmax, most weight on the exits after 2 to 4 layers). Per round: steps, lr, unlikelihood alpha, seed,
+# eval fraction (as the shipped model was made; rounds 1-4 are candidates 1-4 in docs/default_model.md).
+CONTINUE_FLAGS = ["--batch-size", "8", "--seq-len", "512", "--lr-scheduler", "cosine", "--warmup-steps", "30",
+                  "--weight-decay", "0.1", "--layer-dropout-max", "0.1", "--early-exit-scale", "0.2",
+                  "--early-exit-weights", "0,1,2,2,1,0.5,0.5,3", "--early-exit-targets", "final", "--curriculum", "none"]
+CONTINUE_ROUNDS = [(600, 3e-4, 0.0, 0, 0.01), (1000, 2e-4, 1.0, 1, 0.01), (1000, 2e-4, 2.0, 2, 0.05),
+                   (1000, 2e-4, 3.0, 3, 0.05)]
+
+
+def continue_training(out: Path, dtype: str) -> None:
+    """out/layerskip continued through CONTINUE_ROUNDS into out/continued (rounds: out/continued-1, -2, ...)."""
+    model = out / "layerskip"
+    for n, (steps, lr, alpha, seed, eval_fraction) in enumerate(CONTINUE_ROUNDS, 1):
+        sh(sys.executable, "-m", "layerskip", "train", "--model", model, "--data", out / "train.jsonl",
+           "--output-dir", out / f"continued-{n}", "--dtype", dtype, "--max-steps", steps, "--lr", lr,
+           "--unlikelihood", alpha, "--seed", seed, "--eval-fraction", eval_fraction, *CONTINUE_FLAGS)
+        model = out / f"continued-{n}"
+    shutil.rmtree(out / "continued", ignore_errors=True)
+    shutil.copytree(model, out / "continued", ignore=shutil.ignore_patterns("checkpoint-*"))
+
+
 def finish(out: Path, limit: int, source: Path | None = None, dest: Path = ASSET) -> None:
     """Sweep (E, d, C) for `source` (default: out/distilled, else out/layerskip) and save it, bf16, into `dest`."""
 
@@ -342,7 +369,7 @@ def csv_rows(path: Path):
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("stage", choices=["prepare", "train", "distill", "finish", "all", "report", "layers"])
+    p.add_argument("stage", choices=["prepare", "train", "continue", "distill", "finish", "all", "report", "layers"])
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "default-model")
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--batch-size", type=int, default=32)
@@ -376,6 +403,8 @@ def main() -> None:
         prepare(args.out)
     if args.stage in ("train", "all"):
         train(args.out, args.steps, args.batch_size, args.dtype, args.runs.split(","))
+    if args.stage == "continue":
+        continue_training(args.out, args.dtype)
     if args.stage in ("distill", "all"):
         distill(args.out, args.dtype)
     if args.stage in ("finish", "all"):
