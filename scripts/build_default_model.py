@@ -180,14 +180,19 @@ def distill(out: Path, dtype: str) -> None:
         mix = out / f"distill-{n}.jsonl"
         mix.write_text(data.read_text() + "".join(first[(n - 2) * MIX_ROUND1:(n - 1) * MIX_ROUND1]))
         model = train_round(model, mix, n)
-    shutil.rmtree(out / "distilled", ignore_errors=True)
-    shutil.copytree(model, out / "distilled", ignore=shutil.ignore_patterns("checkpoint-*"))
+    publish(model, out / "distilled")
+
+
+def publish(model: Path, dest: Path) -> None:
+    """The last round's model, without its intermediate checkpoints, as `dest` (replacing it)."""
+    shutil.rmtree(dest, ignore_errors=True)
+    shutil.copytree(model, dest, ignore=shutil.ignore_patterns("checkpoint-*"))
 
 
 # `continue`: rounds of `layerskip train`, each from the previous round's model, on OUT/train.jsonl (8 x 512 tokens a
 # step, bf16 autocast, cosine, 30 warm-up steps, weight decay 0.1, layer dropout 0.1, every exit on and learning the
 # last layer's argmax, most weight on the exits after 2 to 4 layers). Per round: steps, lr, unlikelihood alpha, seed,
-# eval fraction (as the shipped model was made; rounds 1-4 are candidates 1-4 in docs/default_model.md).
+# eval fraction (as candidates 1-4 in docs/default_model.md were made; none of them is shipped).
 CONTINUE_FLAGS = ["--batch-size", "8", "--seq-len", "512", "--lr-scheduler", "cosine", "--warmup-steps", "30",
                   "--weight-decay", "0.1", "--layer-dropout-max", "0.1", "--early-exit-scale", "0.2",
                   "--early-exit-weights", "0,1,2,2,1,0.5,0.5,3", "--early-exit-targets", "final", "--curriculum", "none"]
@@ -203,8 +208,7 @@ def continue_training(out: Path, dtype: str) -> None:
            "--output-dir", out / f"continued-{n}", "--dtype", dtype, "--max-steps", steps, "--lr", lr,
            "--unlikelihood", alpha, "--seed", seed, "--eval-fraction", eval_fraction, *CONTINUE_FLAGS)
         model = out / f"continued-{n}"
-    shutil.rmtree(out / "continued", ignore_errors=True)
-    shutil.copytree(model, out / "continued", ignore=shutil.ignore_patterns("checkpoint-*"))
+    publish(model, out / "continued")
 
 
 def finish(out: Path, limit: int, source: Path | None = None, dest: Path = ASSET) -> None:
@@ -213,7 +217,7 @@ def finish(out: Path, limit: int, source: Path | None = None, dest: Path = ASSET
     import torch
 
     from layerskip import draft_vocab as draft_vocabulary
-    from layerskip.files import atomic_dir
+    from layerskip import files
     from layerskip.models import load
     from layerskip.training.trainer import rank_draft_vocab
 
@@ -244,7 +248,7 @@ def finish(out: Path, limit: int, source: Path | None = None, dest: Path = ASSET
            "--limit", str(limit), "--exit-layers", "2:7:1", "--num-speculations", "2,3,4,6,8",
            "--replay", ",".join(f"{t:g}" for t in THRESHOLDS), "--max-new-tokens", "128", "--threads", "1",
            "--out", sweep)
-        for r in csv_rows(sweep / "replay.csv"):
+        for r in files.read_csv(sweep / "replay.csv"):
             cell = (int(r["exit_layer"]), int(r["num_speculations"]), float(r["confidence_threshold"]))
             scores.setdefault(cell, []).append(float(r["predicted_speedup"]))
     cells = {cell: math.prod(v) ** (1 / len(v)) for cell, v in scores.items() if len(v) == len(HELDOUT_PROMPTS)}
@@ -254,7 +258,7 @@ def finish(out: Path, limit: int, source: Path | None = None, dest: Path = ASSET
                               "num_speculations": int(best["num_speculations"]),
                               "confidence_threshold": best["confidence_threshold"],
                               "recipe": "scripts/build_default_model.py (see docs/default_model.md)"}
-    with atomic_dir(dest) as tmp:
+    with files.atomic_dir(dest) as tmp:
         model.to(torch.bfloat16).save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         draft_vocabulary.write(tmp, draft_vocab)
@@ -339,8 +343,8 @@ def layers(out: Path, model_dir: str, csv_path: Path) -> None:
     scratch = out / "layers-analyze"
     sh(sys.executable, "-m", "layerskip", "analyze", "--model", model_dir, "--data", out / "heldout.jsonl",
        "--max-tokens", "20000", "--threads", "2", "--out", scratch)
-    rows = [{**r, "model": BASELINE_LABELS.get(r["model"], r["model"])} for r in csv_rows(BASELINE_LAYERS)]
-    rows += [{**r, "model": model_dir} for r in csv_rows(scratch / "layers.csv")]
+    rows = [{**r, "model": BASELINE_LABELS.get(r["model"], r["model"])} for r in files.read_csv(BASELINE_LAYERS)]
+    rows += [{**r, "model": model_dir} for r in files.read_csv(scratch / "layers.csv")]
     curves: dict[str, list[dict]] = {}
     for r in rows:
         curves.setdefault(r["model"], []).append(r)
@@ -358,13 +362,6 @@ def typical_prompt(per_prompt: list[dict]) -> str:
     mid = (len(rows) - 1) / 2
     rank = {key: {id(r): i for i, r in enumerate(sorted(rows, key=lambda r: r[key]))} for key in ("speedup", "repetition")}
     return min(rows, key=lambda r: abs(rank["speedup"][id(r)] - mid) + abs(rank["repetition"][id(r)] - mid))["prompt"]
-
-
-def csv_rows(path: Path):
-    import csv
-
-    with open(path) as f:
-        yield from csv.DictReader(f)
 
 
 def main() -> None:
