@@ -110,15 +110,16 @@ def test_resume_gives_the_same_next_steps_as_an_uninterrupted_run(tiny_ckpt, tin
         torch.testing.assert_close(wb[k], wa[k], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="relies on how CPU fp32 kernels overflow at lr 1e3")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="relies on how CPU fp32 kernels overflow at lr 1e20")
 def test_nan_loss_stops_and_keeps_the_last_good_state(tiny_ckpt, tiny_data, tmp_path, capsys):
     out = tmp_path / "nan"
     rc, _, err = _train(capsys, "--model", tiny_ckpt, "--data", tiny_data, "--output-dir", out,
-                        "--max-steps", 8, "--save-steps", 0, "--lr", 1e3, "--max-grad-norm", 0,
+                        "--max-steps", 8, "--save-steps", 0, "--lr", 1e20, "--max-grad-norm", 0,
                         "--layer-dropout-max", 0)
     assert rc == 2 and "Traceback" not in err
     last = err.strip().splitlines()[-1]
-    # here the gradients of step 2 overflow first; a NaN loss takes the same path (next test)
+    # step 1's update overflows the weights, so step 2's loss or gradients are not finite (with transformers 5.25 the
+    # loss; at lr 1e3 the model only collapsed to a uniform output there); both take the same path (next test)
     assert last.startswith(("layerskip: error: loss is", "layerskip: error: gradient norm is"))
     assert "stopped before applying it" in last
     log = _log(out)

@@ -14,6 +14,7 @@ At eval time: no dropout; the loss is the last layer's CE, and every exit's CE i
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -153,10 +154,10 @@ def causal_masks(config, inputs_embeds: torch.Tensor, position_ids: torch.Tensor
     """
     from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
-    kwargs = dict(
-        config=config, inputs_embeds=inputs_embeds, attention_mask=None, past_key_values=None,
-        position_ids=position_ids,
-    )
+    # no cache: the argument is `cache` in newer transformers releases, `past_key_values` (deprecated there) before
+    no_cache = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
+    kwargs = {"config": config, "inputs_embeds": inputs_embeds, "attention_mask": None, no_cache: None,
+              "position_ids": position_ids}
     num_layers = config.num_hidden_layers
     types = getattr(config, "layer_types", None)
     if types is None:
