@@ -1,5 +1,6 @@
 """Per-layer early-exit analysis against a slow hand computation."""
 import csv
+import inspect
 import math
 
 import pytest
@@ -20,8 +21,9 @@ def hand_layer_logits(model, ids):
     h = inner.embed_tokens(ids)  # (1, T, H)
     pos = torch.arange(ids.shape[1])[None]  # (1, T)
     rope = inner.rotary_emb(h, pos)
-    mask = create_causal_mask(config=model.config, inputs_embeds=h, attention_mask=None,
-                              past_key_values=None, position_ids=pos)
+    no_cache = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
+    mask = create_causal_mask(config=model.config, inputs_embeds=h, attention_mask=None, position_ids=pos,
+                              **{no_cache: None})
     out = []
     for layer in inner.layers:
         h = layer(h, attention_mask=mask, position_ids=pos, position_embeddings=rope)
