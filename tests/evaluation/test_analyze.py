@@ -1,6 +1,5 @@
 """Per-layer early-exit analysis against a slow hand computation."""
 import csv
-import inspect
 import math
 
 import pytest
@@ -17,13 +16,14 @@ def hand_layer_logits(model, ids):
     """Run transformers' decoder layers one by one; norm + head after each. -> [L] of (T, V)."""
     from transformers.masking_utils import create_causal_mask
 
+    from layerskip.training.model import mask_cache_argument
+
     inner = model.model
     h = inner.embed_tokens(ids)  # (1, T, H)
     pos = torch.arange(ids.shape[1])[None]  # (1, T)
     rope = inner.rotary_emb(h, pos)
-    no_cache = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
     mask = create_causal_mask(config=model.config, inputs_embeds=h, attention_mask=None, position_ids=pos,
-                              **{no_cache: None})
+                              **{mask_cache_argument(): None})
     out = []
     for layer in inner.layers:
         h = layer(h, attention_mask=mask, position_ids=pos, position_embeddings=rope)

@@ -14,6 +14,7 @@ At eval time: no dropout; the loss is the last layer's CE, and every exit's CE i
 """
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass
 
@@ -146,6 +147,15 @@ class LayerSkipModel(nn.Module):
         return out
 
 
+@functools.cache
+def mask_cache_argument() -> str:
+    """The name of transformers' `create_causal_mask` cache argument: `cache` in newer releases, `past_key_values`
+    (deprecated there) before."""
+    from transformers.masking_utils import create_causal_mask
+
+    return "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
+
+
 def causal_masks(config, inputs_embeds: torch.Tensor, position_ids: torch.Tensor) -> list:
     """The attention mask each layer gets in the model's own forward (None = plain causal), for unpadded input.
 
@@ -154,9 +164,7 @@ def causal_masks(config, inputs_embeds: torch.Tensor, position_ids: torch.Tensor
     """
     from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
-    # no cache: the argument is `cache` in newer transformers releases, `past_key_values` (deprecated there) before
-    no_cache = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
-    kwargs = {"config": config, "inputs_embeds": inputs_embeds, "attention_mask": None, no_cache: None,
+    kwargs = {"config": config, "inputs_embeds": inputs_embeds, "attention_mask": None, mask_cache_argument(): None,
               "position_ids": position_ids}
     num_layers = config.num_hidden_layers
     types = getattr(config, "layer_types", None)
