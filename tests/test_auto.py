@@ -8,7 +8,7 @@ from layerskip.decoding import auto
 from layerskip.decoding.autoregressive import decode_autoregressive
 from layerskip.decoding.result import GenerationStats
 from layerskip.decoding.sampling import SamplingParams
-from layerskip.decoding.self_speculative import run_round
+from layerskip.decoding.self_speculative import decode_self_speculative, run_round
 from layerskip.decoding.stopping import StopChecker
 from layerskip.testing import make_exact_from, make_random_model
 
@@ -61,12 +61,51 @@ def settled(stats):
     return [r for r in rounds[len(rounds) // 2:-1] if r[1]]
 
 
+ROWS = (1, 2, 4, 8, 16, 32)
+# a CPU-like machine (seconds): a layer's cost grows slowly with rows, then linearly; the head costs about a layer
+COSTS = auto.StepCosts(ROWS, layer=(4e-4, 4.5e-4, 5.5e-4, 9e-4, 1.6e-3, 3e-3), head=(3e-4, 3.5e-4, 4.5e-4, 7e-4,
+                       1.2e-3, 2.2e-3), draft_head=(3e-4, 3.5e-4, 4.5e-4, 7e-4, 1.2e-3, 2.2e-3), fixed=1e-4)
+
+
+class SimulatedMachine:
+    """The engine's passes priced by COSTS on a clock of their own: auto sees the costs it was told, whatever
+    else this machine runs, so its choices are the same on every run."""
+
+    def __init__(self, engine):
+        self.now, run, logits = 0.0, engine.run, engine.logits
+        engine.step_costs[None] = COSTS  # what auto's cost model reads (not timed)
+
+        def timed_run(h, start, end, *args, **kwargs):
+            self.now += COSTS.fixed + (end - start) * COSTS.at_layer(h.shape[0] * h.shape[1])
+            return run(h, start, end, *args, **kwargs)
+
+        def timed_logits(h, vocab=None):
+            rows = h.numel() // h.shape[-1]
+            self.now += COSTS.at_head(rows) if vocab is None else COSTS.at_draft_head(rows)
+            return logits(h, vocab)
+
+        engine.run, engine.logits = timed_run, timed_logits
+
+    def clock(self) -> float:
+        return self.now
+
+
+def auto_on_a_simulated_machine(model, n: int):
+    """(auto's output and stats, the autoregressive output) for IDS and n new tokens, timed by SimulatedMachine."""
+    engine = layerskip.prepare(model)
+    ar = layerskip.generate(engine, IDS, max_new_tokens=n, eos_token_id=[]).token_ids
+    machine, stats = SimulatedMachine(engine), GenerationStats("self_speculative")
+    with torch.inference_mode():
+        out = decode_self_speculative(engine, torch.tensor([IDS]), exit_layer="auto", num_speculations=None,
+                                      params=SamplingParams(), stopper=StopChecker(n), stats=stats,
+                                      clock=machine.clock)
+    return out, stats, ar
+
+
 def test_auto_settles_at_the_exit_an_exact_draft_model_agrees_at():
-    engine = layerskip.prepare(exact_model(2))
-    out = layerskip.generate(engine, IDS, strategy="self_speculative", exit_layer="auto", max_new_tokens=160,
-                             eos_token_id=[])
-    assert out.token_ids == layerskip.generate(engine, IDS, max_new_tokens=160, eos_token_id=[]).token_ids
-    rounds = settled(out.stats)
+    tokens, stats, ar = auto_on_a_simulated_machine(exact_model(2), 160)
+    assert tokens == ar
+    rounds = settled(stats)
     assert rounds, "no speculative rounds after warm-up"
     assert sum(e > 2 for e, _, _ in rounds) <= 0.2 * len(rounds), rounds  # not the dearer exits that also agree
     at_e0 = [(d, a) for e, d, a in rounds if e == 2]
@@ -74,11 +113,9 @@ def test_auto_settles_at_the_exit_an_exact_draft_model_agrees_at():
 
 
 def test_auto_keeps_off_early_exits_when_only_late_ones_agree():
-    engine = layerskip.prepare(exact_model(6))
-    out = layerskip.generate(engine, IDS, strategy="self_speculative", exit_layer="auto", max_new_tokens=120,
-                             eos_token_id=[])
-    assert out.token_ids == layerskip.generate(engine, IDS, max_new_tokens=120, eos_token_id=[]).token_ids
-    rounds = settled(out.stats)  # choices follow measured speeds: a slow spell may cost a round, not a habit
+    tokens, stats, ar = auto_on_a_simulated_machine(exact_model(6), 120)
+    assert tokens == ar
+    rounds = settled(stats)
     assert rounds and sum(e < 6 for e, _, _ in rounds) <= 0.2 * len(rounds), rounds
 
 

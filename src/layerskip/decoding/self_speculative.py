@@ -197,13 +197,14 @@ def decode_self_speculative(stack: LayerStack, prompt: torch.Tensor, *, exit_lay
                             num_speculations: int | None, params: SamplingParams, stopper: StopChecker,
                             stats: GenerationStats, generator=None, on_tokens=None, cache=None,
                             draft_vocab: torch.Tensor | None = None, confidence_threshold: float = 0.0,
-                            timer: Timer | None = None) -> list[int]:
+                            timer: Timer | None = None, clock=time.perf_counter) -> list[int]:
     """Lossless self-speculative decoding of up to stopper.max_new_tokens tokens after prompt (1, T).
 
     exit_layer "auto": E and d chosen per round (decoding/auto.py), num_speculations then the longest draft
     (None: auto's own cap). `cache` (optional, for inspection) must cover all L layers and T + max_new_tokens
     positions. `draft_vocab` and `confidence_threshold`: see `draft`. `timer`: split draft / verify time (each
-    lap synchronises the device; None: no timing inside the loop).
+    lap synchronises the device; None: no timing inside the loop). `clock`: what auto times rounds with (seconds;
+    a test passes a simulated machine's clock to make auto's choices deterministic).
     """
     T = prompt.shape[1]
     cache = cache or stack.new_cache(T + stopper.max_new_tokens)
@@ -216,11 +217,11 @@ def decode_self_speculative(stack: LayerStack, prompt: torch.Tensor, *, exit_lay
         if plan:
             E, d, probes = plan.choose(1)
         k = min(d, stopper.remaining(generated) - 1)  # room for the verifier's own token
-        t0 = time.perf_counter()
+        t0 = clock()
         r, pos = run_round(stack, cache, pending, pos, k, exit_layer=E, params=params, generator=generator,
                            vocab=draft_vocab, confidence_threshold=confidence_threshold, timer=timer, probes=probes)
         if plan:  # the tokens are on the host: the clock reads the round's real time
-            plan.observe_speed(E if d else auto.AR, 1, len(r.tokens), time.perf_counter() - t0)
+            plan.observe_speed(E if d else auto.AR, 1, len(r.tokens), clock() - t0)
             plan.observe_round(E, r)
         emit, reason = stopper.accept(generated, r.tokens)
         stats.add_round(r.drafted, min(r.accepted, len(emit)), E, d)  # drafts cut by a stop never count as accepted
