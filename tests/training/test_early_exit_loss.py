@@ -109,7 +109,7 @@ def test_chunked_equals_unchunked_with_ignored_targets():
     weights = {0: 0.25, 2: 0.75}
     results = []
     for chunk in (None, 1, 5):
-        loss, per_exit = early_exit_loss(hidden, labels, norm, head, weights, chunk_tokens=chunk)
+        loss, per_exit, _ = early_exit_loss(hidden, labels, norm, head, weights, chunk_tokens=chunk)
         grads = torch.autograd.grad(loss, [head, hidden[0], hidden[2]])
         results.append((loss, per_exit, grads))
     # reference: plain autograd with ignore_index
@@ -129,7 +129,7 @@ def test_zero_weight_exit_is_reported_but_gets_no_gradient():
     head = torch.randn(11, 4, requires_grad=True)
     h0 = torch.randn(1, 5, 4, requires_grad=True)
     h1 = torch.randn(1, 5, 4, requires_grad=True)
-    loss, per_exit = early_exit_loss({0: h0, 1: h1}, torch.randint(0, 11, (1, 5)), torch.nn.Identity(), head,
+    loss, per_exit, _ = early_exit_loss({0: h0, 1: h1}, torch.randint(0, 11, (1, 5)), torch.nn.Identity(), head,
                                      {0: 0.0, 1: 1.0})
     assert per_exit[0] > 0
     g0, g1 = torch.autograd.grad(loss, [h0, h1], allow_unused=True)
@@ -201,7 +201,7 @@ def test_self_distillation_keeps_ignored_positions_out():
     labels = torch.randint(0, V, (2, 8))
     labels[1, 2:5] = -100
     weights = {1: 0.4, 3: 0.6}
-    loss, _ = early_exit_loss(hidden, labels, torch.nn.Identity(), head, weights, chunk_tokens=3,
+    loss, _, _ = early_exit_loss(hidden, labels, torch.nn.Identity(), head, weights, chunk_tokens=3,
                               exit_targets="final")
     y = labels[:, 1:].reshape(-1)
     greedy = (hidden[3][:, :-1].reshape(-1, H) @ head.t()).argmax(-1).masked_fill(y == -100, -100)
@@ -231,7 +231,7 @@ def test_soft_and_hard_self_distillation_chunked_with_ignored_positions():
             ref = ref + weights[l] * F.cross_entropy(logits[keep], teacher[keep])
         ref_grads = torch.autograd.grad(ref, [head, *hidden.values()])
         for chunk in (None, 1, 4):
-            loss, _ = early_exit_loss(hidden, labels, torch.nn.Identity(), head, weights, chunk_tokens=chunk,
+            loss, _, _ = early_exit_loss(hidden, labels, torch.nn.Identity(), head, weights, chunk_tokens=chunk,
                                       exit_targets=targets)
             torch.testing.assert_close(loss, ref)
             for g, r in zip(torch.autograd.grad(loss, [head, *hidden.values()]), ref_grads):
@@ -265,7 +265,8 @@ def test_unlikelihood_equals_the_hand_computation(chunk):
     labels = torch.randint(0, 5, (2, 9))  # few ids: the context repeats them
     labels[1, 2:4] = -100
     weights, alpha = {1: 0.4, 3: 0.6}, 0.7
-    loss, per_exit = early_exit_loss(hidden, labels, norm, head, weights, chunk_tokens=chunk, unlikelihood=alpha)
+    loss, per_exit, unlikely = early_exit_loss(hidden, labels, norm, head, weights, chunk_tokens=chunk,
+                                               unlikelihood=alpha)
     ref = 0
     for l, w in weights.items():
         logits = exit_logits(hidden[l][:, :-1], norm, head)
@@ -274,8 +275,10 @@ def test_unlikelihood_equals_the_hand_computation(chunk):
     assert ul > 0
     ref = ref + alpha * weights[3] * ul
     torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(unlikely, ul.detach())  # reported on its own, before alpha and the exit's weight
     # the per-exit losses stay the cross-entropies
-    plain, plain_exits = early_exit_loss(hidden, labels, norm, head, weights, chunk_tokens=chunk)
+    plain, plain_exits, off = early_exit_loss(hidden, labels, norm, head, weights, chunk_tokens=chunk)
+    assert off is None
     for l in weights:
         torch.testing.assert_close(per_exit[l], plain_exits[l])
     assert loss > plain

@@ -37,6 +37,20 @@ def test_explicit_early_exit_weights_reach_the_loss(tiny_ckpt, tiny_data, tmp_pa
         weights = exit_weights(4, curriculum.active(r["step"] - 1), 0.2, [0, 3, 1, 2])
         assert r["exit_weights"] == pytest.approx({str(l): w for l, w in weights.items()})
         assert r["loss"] == pytest.approx(sum(weights[int(l)] * v for l, v in r["exit_losses"].items()), rel=1e-5)
+        assert "unlikelihood" not in r
+
+
+def test_the_unlikelihood_term_is_logged_and_completes_the_loss(tiny_ckpt, tiny_data, tmp_path, capsys):
+    out, alpha = tmp_path / "run", 0.5
+    rc, stdout, err = _train(capsys, "--model", tiny_ckpt, "--data", tiny_data, "--output-dir", out, "--max-steps", 2,
+                             "--save-steps", 0, "--unlikelihood", alpha, "--grad-accum", 2)
+    assert rc == 0, err[-2000:]
+    for r in _log(out):
+        w = {int(l): v for l, v in r["exit_weights"].items()}
+        ce = sum(w[int(l)] * v for l, v in r["exit_losses"].items())
+        assert r["unlikelihood"] > 0
+        assert r["loss"] == pytest.approx(ce + alpha * w[3] * r["unlikelihood"], rel=1e-5)
+    assert "'unlikelihood':" in stdout + err  # the console log shows it beside the exit losses
 
 
 def test_train_writes_the_log_checkpoints_and_a_loadable_model(tiny_ckpt, tiny_data, tmp_path, capsys):

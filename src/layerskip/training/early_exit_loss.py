@@ -102,7 +102,8 @@ def early_exit_loss(
             weight 0 are scored against the data either way.
         unlikelihood: alpha >= 0, the weight of the last exit's unlikelihood term (module docstring); 0 = none.
     Returns:
-        (J, {l: CE of exit l against its targets, detached}).
+        (J, {l: CE of exit l against its targets, detached}, UL: the last exit's unlikelihood term before its
+        weights, detached; None when `unlikelihood` is 0).
     """
     if exit_targets not in EXIT_TARGETS:
         raise ValueError(f"exit_targets must be one of {', '.join(EXIT_TARGETS)}, got {exit_targets!r}")
@@ -119,7 +120,7 @@ def early_exit_loss(
         head_weight, targets, tuple(weights[l] for l in order), distilled, exit_targets == "final-soft", chunk,
         need_grad, float(unlikelihood), first_seen, *xs
     )
-    return loss, {l: losses[order.index(l)] for l in sorted(weights)}
+    return loss, {l: losses[order.index(l)] for l in sorted(weights)}, losses[len(order)] if unlikelihood else None
 
 
 def first_positions(labels: torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -139,7 +140,7 @@ class SharedHeadCrossEntropy(torch.autograd.Function):
     """sum_k w_k CE(x_k W^T, y_k) over exits k sharing the head W, in token chunks, gradients formed in forward.
 
     forward(W (V, H), y (N,), w (K floats), distilled (K bools), soft, chunk, need_grad, alpha, first_seen (B, V) or
-    None, x_1..x_K (N, H) each) -> (J (), losses (K,)). y_k is the data y, except for a distilled exit k: the
+    None, x_1..x_K (N, H) each) -> (J (), losses (K,), or (K + 1,) with alpha > 0: then the last is UL). y_k is the data y, except for a distilled exit k: the
     first exit's argmax (soft: its softmax, a distribution), computed from the same chunk's logits and held
     constant (no gradient). With alpha > 0, J adds alpha * w_1 * the first exit's unlikelihood (N = B * (T - 1):
     row r is position r % (T - 1) of sequence r // (T - 1)).
@@ -204,6 +205,7 @@ class SharedHeadCrossEntropy(torch.autograd.Function):
         loss = (losses * torch.tensor(exit_w, dtype=losses.dtype, device=losses.device)).sum()
         if alpha:
             loss = loss + alpha * exit_w[0] * unlikely / count
+            losses = torch.cat([losses, (unlikely / count)[None]])  # (K + 1,)
         ctx.has_grad_w = grad_w is not None
         ctx.grad_x_mask = [g is not None for g in grad_xs]
         ctx.save_for_backward(*([grad_w] if grad_w is not None else []), *[g for g in grad_xs if g is not None])

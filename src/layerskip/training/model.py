@@ -34,6 +34,7 @@ class StepOutput:
     exit_losses: dict[int, torch.Tensor]
     exit_weights: dict[int, float]
     kept_rows: torch.Tensor | None = None  # (L, B) bool, None when no layer dropout ran
+    unlikelihood: torch.Tensor | None = None  # () the last exit's unlikelihood term (unweighted), detached; None: off
 
     # transformers' Trainer indexes outputs like a dict or a tuple
     def __getitem__(self, key):
@@ -115,11 +116,11 @@ class LayerSkipModel(nn.Module):
             keep, weights = None, {l: 0.0 for l in range(self.num_layers)}
             weights[self.num_layers - 1] = 1.0
         hidden = self.hidden_states(input_ids, keep, exits=set(weights))
-        loss, losses = early_exit_loss(
+        loss, losses, unlikely = early_exit_loss(
             hidden, labels, self.model.norm, self.lm_head.weight, weights, self.chunk_tokens,
             self.exit_targets if self.training else "labels", self.unlikelihood if self.training else 0.0,
         )
-        return StepOutput(loss, losses, weights, keep)
+        return StepOutput(loss, losses, weights, keep, unlikely)
 
     def hidden_states(
         self, input_ids: torch.Tensor, keep: torch.Tensor | None = None, exits: set[int] | None = None

@@ -5,6 +5,8 @@
   loss               the early-exit loss J, mean over micro-batches and ranks
   exit_losses        {layer: CE} for the exits active at this step (layer L-1 is the model's normal output)
   exit_weights       {layer: w(t, layer)} for the same exits
+  unlikelihood       the last layer's unlikelihood term UL, before alpha and its exit weight (only with --unlikelihood;
+                     loss = sum of weight * exit loss + alpha * w(t, L-1) * UL)
   layer_dropout      [p(l, t) for every layer l]
   learning_rate      the rate this step used
   tokens             tokens of this step, all ranks and micro-batches
@@ -57,11 +59,16 @@ class StepStats:
         self.loss = None
         self.exit_sums: dict[int, torch.Tensor] = {}
         self.weights: dict[int, float] = {}
+        self.unlikely: torch.Tensor | None = None
         self.micro = 0
         self.tokens = 0
 
-    def add(self, loss: torch.Tensor, exit_losses: dict[int, torch.Tensor], weights: dict[int, float], tokens: int):
+    def add(self, loss: torch.Tensor, exit_losses: dict[int, torch.Tensor], weights: dict[int, float], tokens: int,
+            unlikelihood: torch.Tensor | None = None):
         loss = loss.detach().float()
+        if unlikelihood is not None:
+            u = unlikelihood.detach().float()
+            self.unlikely = u if self.unlikely is None else self.unlikely + u
         self.loss = loss if self.loss is None else self.loss + loss
         for l, v in exit_losses.items():
             self.exit_sums[l] = v.float() + self.exit_sums[l] if l in self.exit_sums else v.float()
@@ -69,14 +76,15 @@ class StepStats:
         self.micro += 1
         self.tokens += tokens
 
-    def reduce(self, device, grad_norm: torch.Tensor) -> tuple[float, dict[int, float], int, float]:
-        """(mean loss, {layer: mean CE}, total tokens, grad-norm sum) over micro-batches and ranks.
+    def reduce(self, device, grad_norm: torch.Tensor) -> tuple[float, dict[int, float], int, float, float | None]:
+        """(mean loss, {layer: mean CE}, total tokens, grad-norm sum, mean UL or None) over micro-batches and ranks.
 
         One all-reduce carries everything; a NaN/inf on any rank shows in the sums on every rank.
         """
         layers = sorted(self.exit_sums)
         parts = [self.loss if self.loss is not None else torch.tensor(float("nan"))]
         parts += [self.exit_sums[l] for l in layers]
+        parts += [self.unlikely] if self.unlikely is not None else []
         extra = [float(self.micro), float(self.tokens)]
         vec = torch.stack([p.to(device).float() for p in parts] + [grad_norm.to(device).float()]
                           + [torch.tensor(x, device=device) for x in extra])
@@ -85,7 +93,8 @@ class StepStats:
         vec = vec.cpu().tolist()
         micro = max(vec[-2], 1.0)
         exits = {l: vec[1 + i] / micro for i, l in enumerate(layers)}
-        return vec[0] / micro, exits, int(vec[-1]), vec[-3]
+        unlikely = vec[1 + len(layers)] / micro if self.unlikely is not None else None
+        return vec[0] / micro, exits, int(vec[-1]), vec[-3], unlikely
 
 
 class TrainingLog:
@@ -130,7 +139,7 @@ class StepLogger(TrainerCallback):
     def __init__(self, stats: StepStats, schedule, log: TrainingLog):
         self.stats, self.schedule, self.log = stats, schedule, log
         self.last: dict | None = None  # the last record, for the console / report_to logs
-        self.since_log: dict[int, list[float]] = {}
+        self.since_log: dict[int | str, list[float]] = {}  # {layer: CEs, "unlikelihood": ULs} since the last log
         self._t0 = None
         self._lr = None
 
@@ -138,7 +147,7 @@ class StepLogger(TrainerCallback):
         self._t0 = time.perf_counter()
 
     def on_pre_optimizer_step(self, args, state, control, optimizer=None, model=None, **kwargs):
-        loss, exits, tokens, grad_norm = self.stats.reduce(args.device, _grad_norm(model))
+        loss, exits, tokens, grad_norm, unlikely = self.stats.reduce(args.device, _grad_norm(model))
         step = state.global_step + 1
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             self.stats.reset()
@@ -155,6 +164,9 @@ class StepLogger(TrainerCallback):
             "learning_rate": self._lr,
             "tokens": tokens,
         }
+        if unlikely is not None:
+            self.last["unlikelihood"] = unlikely
+            self.since_log.setdefault("unlikelihood", []).append(unlikely)
         for l, v in exits.items():
             self.since_log.setdefault(l, []).append(v)
         self.stats.reset()
@@ -169,7 +181,10 @@ class StepLogger(TrainerCallback):
             self.log.append(record)
 
     def pop_exit_means(self) -> dict[str, float]:
-        """Mean CE per exit since the last call, for the console and report_to logs."""
-        out = {f"exit_loss_{l}": sum(v) / len(v) for l, v in sorted(self.since_log.items())}
+        """Mean CE per exit (and the mean UL, when on) since the last call, for the console and report_to logs."""
+        means = {l: sum(v) / len(v) for l, v in self.since_log.items()}
+        out = {f"exit_loss_{l}": means[l] for l in sorted(l for l in means if l != "unlikelihood")}
+        if "unlikelihood" in means:
+            out["unlikelihood"] = means["unlikelihood"]
         self.since_log.clear()
         return out

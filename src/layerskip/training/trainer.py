@@ -79,7 +79,7 @@ class LayerSkipTrainer(Trainer):
         input_ids = inputs["input_ids"]
         out = model(input_ids=input_ids, labels=inputs.get("labels"), step=step, micro_step=micro)
         if model.training:
-            self.stats.add(out.loss, out.exit_losses, out.exit_weights, input_ids.numel())
+            self.stats.add(out.loss, out.exit_losses, out.exit_weights, input_ids.numel(), out.unlikelihood)
         return (out.loss, out) if return_outputs else out.loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
