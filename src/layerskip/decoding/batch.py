@@ -26,6 +26,9 @@ Design: pad and mask, one cache (BASS-PAD, Qian et al. 2024).
   leaving  a finished row leaves the batch at once: the cache keeps only the active rows (KVCache.keep_rows, one
            copy of the cache per finishing round), so it stops costing matmul rows and attention. Masking it
            instead would keep paying for it every step until the longest row ends.
+  one row  a batch of one row takes batch 1's own step and round (autoregressive.step,
+           self_speculative.run_round): the same tokens with plain positions and none of the batch's bookkeeping,
+           so a server's lone request decodes as fast as `generate`.
 Guarantee: row b's greedy output equals decoding prompt b alone (`generate(model, prompt_b)`), token for token in
 fp32, whatever the other rows do or when it joined; sampling parameters are per row, and sampled rows use the
 same acceptance rule per row, each with its own generator (`generate` seeds row b with seed + b).
@@ -34,14 +37,15 @@ from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from layerskip.decoding import auto
+from layerskip.decoding.autoregressive import step
 from layerskip.decoding.result import GenerationStats
 from layerskip.decoding.sampling import SamplingParams, select
-from layerskip.decoding.self_speculative import Round, draft_token
+from layerskip.decoding.self_speculative import Round, draft_token, run_round
 from layerskip.decoding.self_speculative import accept as accept_round
 from layerskip.decoding.self_speculative import Draft
 from layerskip.decoding.stopping import StopChecker
@@ -166,8 +170,8 @@ class Batch:
             E, k, probes = self.plan.choose(len(self.rows))
             t0, before = time.perf_counter(), sum(len(r.generated) for r in self.rows)
             if k:
-                done, shadow = _speculative_round(self.stack, self.cache, self.rows, E, k, self.draft_vocab,
-                                                  self.confidence_threshold, self.on_tokens, probes)
+                done, shadow = _round(self.stack, self.cache, self.rows, E, k, self.draft_vocab,
+                                      self.confidence_threshold, self.on_tokens, probes)
                 for r in done:
                     self.plan.observe_round(E, r)
                 self.plan.observe_shadow(shadow)
@@ -176,8 +180,8 @@ class Batch:
             emitted = sum(len(r.generated) for r in self.rows) - before
             self.plan.observe_speed(E if k else auto.AR, len(self.rows), emitted, time.perf_counter() - t0)
         elif self.strategy == "self_speculative" and rounds:
-            _speculative_round(self.stack, self.cache, self.rows, self.exit_layer, self.num_speculations,
-                               self.draft_vocab, self.confidence_threshold, self.on_tokens)
+            _round(self.stack, self.cache, self.rows, self.exit_layer, self.num_speculations, self.draft_vocab,
+                   self.confidence_threshold, self.on_tokens)
         else:
             layers = self.exit_layer if self.strategy == "early_exit" else self.stack.num_layers
             _step(self.stack, self.cache, self.rows, layers, self.on_tokens)
@@ -213,7 +217,17 @@ def decode_batch(stack: LayerStack, rows: list[Row], *, strategy: str, exit_laye
 
 
 def _step(stack: LayerStack, cache, rows: list[Row], num_layers: int, on_tokens) -> None:
-    """One autoregressive (or early-exit) step for every row: each row's pending tokens through [0, num_layers)."""
+    """One autoregressive (or early-exit) step for every row: each row's pending tokens through [0, num_layers).
+    A batch of one row takes batch 1's own step (autoregressive.step): the same tokens, with plain positions."""
+    if len(rows) == 1:
+        r = rows[0]
+        token = int(step(stack, _alone(cache, r), _pending(r, stack.device), r.pos, num_layers, r.params,
+                         r.generator))
+        r.stats.rounds += 1
+        r.pos += len(r.pending)
+        r.pending = [token]
+        _finish(r, [token], on_tokens)
+        return
     counts = [len(r.pending) for r in rows]
     h = stack.run(stack.embed(_block([r.pending for r in rows], stack.device)), 0, num_layers, cache,
                   _positions(rows, stack.device))  # (B, W, H)
@@ -262,6 +276,36 @@ def _worth_a_pass(chances: list[float], rows: int, exit_share: float) -> bool:
     of the batch waiting through its drafting, a pass at a time.
     """
     return sum(chances) >= PASS_COST * exit_share * rows
+
+
+def _alone(cache, row: Row):
+    """The batch's cache, readied for a batch-1 pass of its only row (decoding/self_speculative.py and
+    autoregressive.py track validity in the cache): every layer holds the row's accepted sequence [0, pos)."""
+    cache.valid = [row.pos] * cache.num_layers
+    return cache
+
+
+def _pending(row: Row, device) -> torch.Tensor:
+    return torch.tensor([row.pending], dtype=torch.long, device=device)  # (1, P)
+
+
+def _round(stack: LayerStack, cache, rows: list[Row], E: int, d: int, vocab, threshold: float, on_tokens,
+           probes=()) -> tuple[list[Round], dict[int, list]]:
+    """One self-speculative round for every row: `_speculative_round`, or for a batch of one row batch 1's own
+    round (self_speculative.run_round, the same tokens with plain positions and none of the batch's
+    bookkeeping; a server's lone request decodes as fast as `generate`). Returns as `_speculative_round` does."""
+    if len(rows) > 1:
+        return _speculative_round(stack, cache, rows, E, d, vocab, threshold, on_tokens, probes)
+    r = rows[0]
+    k = min(d, r.stopper.remaining(r.generated) - 1)  # room for the verifier's token
+    out, r.pos = run_round(stack, _alone(cache, r), _pending(r, stack.device), r.pos, k, exit_layer=E,
+                           params=r.params, generator=r.generator, vocab=vocab, confidence_threshold=threshold,
+                           probes=probes)
+    before = len(r.generated)
+    r.pending = [out.tokens[-1]]
+    _finish(r, out.tokens, on_tokens)
+    r.stats.add_round(out.drafted, min(out.accepted, len(r.generated) - before), E, d)
+    return [replace(out, shadow={})], out.shadow
 
 
 def _speculative_round(stack: LayerStack, cache, rows: list[Row], E: int, d: int, vocab, threshold: float,
