@@ -233,6 +233,34 @@ def plan_choice(plan) -> int:
     return E
 
 
+def test_a_layer_chosen_on_a_prediction_is_kept_until_measured():
+    """Shadows promise E = 5, whose own rounds then fail: auto stays at 5 until 5's speed is measured, then goes
+    back to the faster measured E = 3 and stays there; it never swings between the two before 5 is measured."""
+    costs = auto.StepCosts(rows=(1, 64), layer=(1e-3, 2e-3), head=(1e-3, 2e-3), draft_head=(1e-4, 2e-4),
+                           fixed=1e-4)
+    plan = auto.AutoPlan(costs, num_layers=8, candidates=(2, 3, 5), max_speculations=4, start=3)
+    plan.rounds = auto.WARMUP_ROUNDS
+    for _ in range(auto.MEASURED_ROUNDS):
+        plan.observe_speed(3, 1, 10, 0.01)  # E = 3 measured: 1000 tokens/s
+    plan.accepted[3].add([False])
+    plan.shadow_accepted[3].add([False] * 20, starts=True)
+    plan.shadow_accepted[2].add([False] * 20, starts=True)
+    plan.shadow_accepted[5].add([True] * 20, starts=True)  # E = 5's shadows agree
+    chosen = []
+    for _ in range(12):
+        E, _, _ = plan.choose(1)
+        chosen.append(E)
+        if E == 5:
+            plan.accepted[5].add([False])  # its real drafts fail
+            plan.observe_speed(5, 1, 5, 0.01)  # 500 tokens/s
+        else:
+            plan.observe_speed(3, 1, 10, 0.01)
+    first_back = chosen.index(3)
+    assert chosen[0] == 5 and first_back > 1
+    assert plan._measured(5, 1) is not None or first_back > auto.HOLD_ROUNDS
+    assert chosen[first_back:] == [3] * (len(chosen) - first_back)
+
+
 def test_a_later_generation_starts_where_the_last_one_settled():
     engine = layerskip.prepare(exact_model(2))
     first = layerskip.generate(engine, IDS, strategy="self_speculative", exit_layer="auto", max_new_tokens=160,

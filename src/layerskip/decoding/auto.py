@@ -22,7 +22,8 @@ memory      a plan shares its acceptance estimates with the engine (`stack.auto_
               chose, after one warm-up round, and its estimates go on from the old ones (they decay per token).
 `AutoPlan.choose` takes the k of the most predicted tokens per second at the current E, or an autoregressive step
 where no round beats it (a batch of many rows on a CPU, or acceptance that has collapsed), and switches E only for
-a clear gain (SWITCH_GAIN). Lossless whatever it chooses: the verifier alone decides what is emitted, every layer's
+a clear gain (SWITCH_GAIN); a layer switched to on a prediction is kept until its own speed is measured
+(HOLD_ROUNDS at most). Lossless whatever it chooses: the verifier alone decides what is emitted, every layer's
 cache is valid up to the accepted length after every round, so E may change between rounds, and
 sampling stays distribution-exact (each choice depends only on what earlier rounds verified).
 """
@@ -47,6 +48,7 @@ SPEED_DECAY = 0.8  # per round: measured speeds weigh the last ~5 rounds
 AR = 0  # the key of autoregressive steps among measured speeds
 STEP_WITHIN = 1.3  # try steps (to measure them) where the cost model puts them within 30% of the measured round
 MEASURED_ROUNDS, MEASURED_FOR = 4, 64  # a measured speed counts after 4 rounds at it, for 64 rounds after the last
+HOLD_ROUNDS = 2 * MEASURED_ROUNDS  # a layer chosen on a prediction is kept until measured, for at most this many
 REAL_ENOUGH = 8.0  # rounds (weighted) of a layer's own after which its own outcomes replace its shadow estimate
 SHADOW_ENOUGH = 6.0  # probed positions (weighted) a layer needs before a switch to it may rest on its shadows
 _COST_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -208,6 +210,7 @@ class AutoPlan:
     measured: dict[tuple[int, int], list] = field(default_factory=dict)  # (E, B) -> [tokens, s, last round, n]
     _others: tuple | None = field(default=None, repr=False)  # (B, {E: (predicted tokens/s, k)}) for other layers
     _probing: bool = field(default=False, repr=False)  # the round just chosen is a probe round
+    _trial: tuple[int, int] | None = field(default=None, repr=False)  # (E, round) of the last switch on prediction
     memory: dict | None = field(default=None, repr=False)  # the engine's estimates from earlier generations
     warmup: int = WARMUP_ROUNDS  # rounds that probe every candidate before any switch
 
@@ -315,7 +318,7 @@ class AutoPlan:
         current = self.best_round(self.exit_layer, B)
         if r < self.warmup and self.start_speculations:  # nothing measured yet: the stored d, if any
             current = (current[0], min(self.start_speculations, self.max_speculations))
-        if r >= self.warmup:  # no switching on no evidence
+        if r >= self.warmup and not self._on_trial(B):  # no switching on no evidence
             if self._others is None or self._others[0] != B:
                 self._others = (B, {E: self.best_round(E, B) for E in self.candidates if E != self.exit_layer})
             here = self._measured(self.exit_layer, B)
@@ -325,6 +328,8 @@ class AutoPlan:
             # a prediction must beat the current layer clearly; a layer measured faster lately wins outright
             gain = 1.0 if here and best is not None and self._measured(best, B) else SWITCH_GAIN
             if best is not None and value(best) > (here or current[0]) * gain:
+                if self._measured(best, B) is None:
+                    self._trial = (best, self.rounds)
                 self.exit_layer, current = best, self._others[1][best]
                 self._others = None
         if self.memory is not None:
@@ -335,6 +340,15 @@ class AutoPlan:
             self._others = None  # their estimates are about to change
             return self.exit_layer, current[1], probes
         return self.exit_layer, (0 if self._step_instead(r, B, current[0]) else current[1]), ()
+
+    def _on_trial(self, B: int) -> bool:
+        """Whether the current layer was chosen on a prediction and is not measured yet (for at most HOLD_ROUNDS
+        rounds). Until it is, it stays: its few own rounds say little, and comparing them with the old layer's
+        measured speed would switch back at once, and the old layer's shadow estimate forth again, round after
+        round (a ping-pong between two layers that never measures either)."""
+        if self._trial is None or self._trial[0] != self.exit_layer or self._measured(self.exit_layer, B):
+            return False
+        return self.rounds - self._trial[1] <= HOLD_ROUNDS
 
     def _known(self, E: int, B: int) -> bool:
         """Whether there is evidence enough to leave the current layer for E. Leaving the model's stored E (tuned on
