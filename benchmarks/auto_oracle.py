@@ -1,0 +1,107 @@
+"""What choosing (E, d, C) per prompt could gain over one static cell: an upper bound for `exit_layer="auto"`.
+
+For one model and prompt set (as benchmarks/auto_speed.py makes them): one autoregressive decode per prompt,
+traced through every candidate exit (`sweep --replay`'s exact-acceptance replay), step times measured once per E,
+then every (E, d, C) cell's predicted speedup for each prompt alone. Reported: the stored cell and the set's best
+cell (both over the whole set), and the per-prompt oracle: every prompt decoded at its own best cell, the time
+summed over the set. oracle / best is what a choice per prompt could gain at most over the best static cell (a
+choice per round could gain more; auto also pays its probes and detours), also over E and d alone at the stored
+threshold (what auto chooses). Predictions, not timings.
+
+    python benchmarks/auto_oracle.py [--model M] --prompts heldout|humaneval [--limit 16] [--json FILE]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+
+import torch
+from tqdm import tqdm
+
+import layerskip
+from layerskip.decoding.auto import candidate_layers
+from layerskip.decoding.config import DecodeConfig, eos_ids, model_defaults
+from layerskip.evaluation.bench import encode_prompt
+from layerskip.evaluation.cost_model import measure_step_times
+from layerskip.evaluation.replay import replay_rounds, trace_exits
+from layerskip.evaluation.tasks import load_task
+from layerskip.files import write_json
+
+from auto_speed import heldout_task
+
+
+def cell_cost(traces, times, E: int, d: int, c: float, n: int) -> list[float]:
+    """Each prompt's replayed self-speculative time at (E, d, C), in autoregressive steps (t_ar as measured with
+    that E's step times, as `sweep --replay` divides them)."""
+    t = times[E]
+    return [sum(k * t.t_draft + t.verify_time(k) for k, _ in replay_rounds(trace, E, d, c, n)) / t.t_ar
+            for trace in traces]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=None, help="a --model spec (default: the built-in model)")
+    p.add_argument("--prompts", choices=("heldout", "humaneval"), default="heldout")
+    p.add_argument("--skip", type=int, default=24, help="held-out prompts left out (the stored settings' tuning set)")
+    p.add_argument("--limit", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--speculations", type=lambda t: [int(x) for x in t.split(",")], default=[2, 3, 4, 6, 8, 10, 12])
+    p.add_argument("--thresholds", type=lambda t: [float(x) for x in t.split(",")], default=[0.0, 0.3, 0.5, 0.7])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    model, tokenizer = layerskip.load(args.model)
+    stack = layerskip.prepare(model, tune=True)
+    task = (heldout_task(args.skip, args.limit) if args.prompts == "heldout"
+            else load_task("humaneval", limit=args.limit))
+    n, layers = args.max_new_tokens, candidate_layers(stack.num_layers)
+    vocab = DecodeConfig("self_speculative").resolve(model, warn=False).draft_vocab_tensor(stack.device)
+    eos = eos_ids(model, tokenizer)
+    traces, contexts = [], []
+    for sample in tqdm(task.samples, desc="decode + trace", leave=False):
+        prompt = encode_prompt(tokenizer, sample, model, n)
+        out = layerskip.generate(stack, prompt, max_new_tokens=n, eos_token_id=eos or None,
+                                 stop_strings=tuple(sample.stop_strings), tokenizer=tokenizer).token_ids
+        if out:
+            traces.append(trace_exits(model, prompt, out, layers, vocab))
+            contexts.append(len(prompt) + len(out) // 2)
+    context = sum(contexts) // len(contexts)
+    times = {E: measure_step_times(stack, E, range(0, max(args.speculations) + 1), context_len=context,
+                                   draft_vocab=vocab) for E in tqdm(layers, desc="step times", leave=False)}
+    cells = {(E, d, c): cell_cost(traces, times, E, d, c, n)
+             for E in layers for d in args.speculations for c in args.thresholds}
+    ar = sum(len(t.tokens) for t in traces)  # autoregressive steps
+    speedup = {cell: ar / sum(per) for cell, per in cells.items()}
+    best = max(speedup, key=speedup.get)
+    own = [min(cells, key=lambda cell: cells[cell][i]) for i in range(len(traces))]
+    oracle = ar / sum(cells[cell][i] for i, cell in enumerate(own))
+    stored = model_defaults(model)
+    key = (stored.get("exit_layer"), stored.get("num_speculations"), stored.get("confidence_threshold"))
+    fixed_c = [cell for cell in cells if cell[2] == key[2]]  # auto's choice: E and d, the stored threshold kept
+    own_e_d = [min(fixed_c, key=lambda cell: cells[cell][i]) for i in range(len(traces))] if fixed_c else []
+    oracle_e_d = ar / sum(cells[cell][i] for i, cell in enumerate(own_e_d)) if own_e_d else None
+    name = lambda cell: f"E{cell[0]}_d{cell[1]}_C{cell[2]:g}"
+    report = {"model": args.model or "built-in", "prompts": f"{args.prompts}: {len(traces)} prompts",
+              "machine": f"{platform.node()}, {os.cpu_count()} cpus, {args.threads} threads, fp32",
+              "max_new_tokens": n, "best_cell": name(best), "best_speedup": speedup[best],
+              "stored_cell": name(key) if key in speedup else None, "stored_speedup": speedup.get(key),
+              "oracle_speedup": oracle, "oracle_over_best": oracle / speedup[best],
+              "per_prompt_best": [name(c) for c in own],
+              "oracle_at_stored_threshold": oracle_e_d,
+              "oracle_at_stored_threshold_over_best": oracle_e_d / speedup[best] if oracle_e_d else None,
+              "per_prompt_best_at_stored_threshold": [name(c) for c in own_e_d]}
+    print(f"best cell {report['best_cell']}: {speedup[best]:.2f}x; stored {report['stored_cell']}: "
+          f"{report['stored_speedup'] or float('nan'):.2f}x; per-prompt oracle {oracle:.2f}x "
+          f"({oracle / speedup[best]:.3f} of the best cell)")
+    print("per-prompt best:", " ".join(report["per_prompt_best"]))
+    if oracle_e_d:
+        print(f"per-prompt oracle over E and d only (threshold {key[2]:g}, as auto chooses): {oracle_e_d:.2f}x "
+              f"({oracle_e_d / speedup[best]:.3f} of the best cell):", " ".join(report["per_prompt_best_at_stored_threshold"]))
+    if args.json:
+        write_json(args.json, report)
+
+
+if __name__ == "__main__":
+    main()
