@@ -21,10 +21,9 @@ from tqdm import tqdm
 
 import layerskip
 from layerskip.decoding.auto import candidate_layers
-from layerskip.decoding.config import DecodeConfig, eos_ids, model_defaults
-from layerskip.evaluation.bench import encode_prompt
+from layerskip.decoding.config import DecodeConfig, model_defaults
 from layerskip.evaluation.cost_model import measure_step_times
-from layerskip.evaluation.replay import replay_rounds, trace_exits
+from layerskip.evaluation.replay import decode_and_trace, replay_rounds
 from layerskip.evaluation.tasks import load_task
 from layerskip.files import write_json
 
@@ -58,16 +57,7 @@ def main() -> None:
             else load_task("humaneval", limit=args.limit))
     n, layers = args.max_new_tokens, candidate_layers(stack.num_layers)
     vocab = DecodeConfig("self_speculative").resolve(model, warn=False).draft_vocab_tensor(stack.device)
-    eos = eos_ids(model, tokenizer)
-    traces, contexts = [], []
-    for sample in tqdm(task.samples, desc="decode + trace", leave=False):
-        prompt = encode_prompt(tokenizer, sample, model, n)
-        out = layerskip.generate(stack, prompt, max_new_tokens=n, eos_token_id=eos or None,
-                                 stop_strings=tuple(sample.stop_strings), tokenizer=tokenizer).token_ids
-        if out:
-            traces.append(trace_exits(model, prompt, out, layers, vocab))
-            contexts.append(len(prompt) + len(out) // 2)
-    context = sum(contexts) // len(contexts)
+    traces, context = decode_and_trace(stack, tokenizer, task, layers, vocab, n)
     times = {E: measure_step_times(stack, E, range(0, max(args.speculations) + 1), context_len=context,
                                    draft_vocab=vocab) for E in tqdm(layers, desc="step times", leave=False)}
     cells = {(E, d, c): cell_cost(traces, times, E, d, c, n)

@@ -103,6 +103,30 @@ FIELDS = ["exit_layer", "num_speculations", "confidence_threshold", "predicted_s
           "acceptance_rate", "tokens_per_round", "drafts_per_round"]
 
 
+def decode_and_trace(stack, tokenizer, task, exit_layers, vocab: torch.Tensor | None, max_new_tokens: int,
+                     progress: bool = True) -> tuple[list[ExitTrace], int]:
+    """Each prompt decoded autoregressively as `layerskip bench` decodes it (the task's stop strings, the model's
+    EOS) and its output traced through every exit (`trace_exits`). Returns the traces of the non-empty outputs and
+    a typical cache length while decoding them (the mean of prompt + half the output)."""
+    from tqdm import tqdm
+
+    import layerskip
+    from layerskip.decoding.config import eos_ids
+    from layerskip.evaluation.bench import encode_prompt
+
+    model = stack.model
+    eos = eos_ids(model, tokenizer)
+    traces, contexts = [], []
+    for sample in tqdm(task.samples, desc="replay: decode + trace", disable=not progress, leave=False):
+        prompt = encode_prompt(tokenizer, sample, model, max_new_tokens)
+        out = layerskip.generate(stack, prompt, max_new_tokens=max_new_tokens, eos_token_id=eos or None,
+                                 stop_strings=tuple(sample.stop_strings), tokenizer=tokenizer).token_ids
+        if out:
+            traces.append(trace_exits(model, prompt, out, exit_layers, vocab))
+            contexts.append(len(prompt) + len(out) // 2)
+    return traces, (sum(contexts) // len(contexts) if contexts else 0)
+
+
 def replay_grid(model, tokenizer, task, exit_layers, num_speculations, thresholds, *, max_new_tokens: int = 64,
                 draft_vocab: int | None = None, progress: bool = True) -> list[dict]:
     """Predicted greedy self-speculative speedup for every (E, d, C), from one autoregressive decode per prompt.
@@ -114,28 +138,17 @@ def replay_grid(model, tokenizer, task, exit_layers, num_speculations, threshold
     """
     from tqdm import tqdm
 
-    import layerskip
-    from layerskip.decoding.config import DecodeConfig, eos_ids
-    from layerskip.evaluation.bench import encode_prompt
+    from layerskip.decoding.config import DecodeConfig
     from layerskip.evaluation.cost_model import measure_step_times
 
     stack = prepare(model)
     model = stack.model
     vocab = DecodeConfig("self_speculative", draft_vocab=draft_vocab).resolve(model, warn=False).draft_vocab_tensor(
         stack.device)
-    eos = eos_ids(model, tokenizer)
-    traces, contexts = [], []  # contexts: a typical cache length while decoding each output
-    for sample in tqdm(task.samples, desc="replay: decode + trace", disable=not progress, leave=False):
-        prompt = encode_prompt(tokenizer, sample, model, max_new_tokens)
-        out = layerskip.generate(stack, prompt, max_new_tokens=max_new_tokens, eos_token_id=eos or None,
-                                 stop_strings=tuple(sample.stop_strings), tokenizer=tokenizer).token_ids
-        if out:
-            traces.append(trace_exits(model, prompt, out, exit_layers, vocab))
-            contexts.append(len(prompt) + len(out) // 2)
+    traces, context = decode_and_trace(stack, tokenizer, task, exit_layers, vocab, max_new_tokens, progress)
     if not traces:
         return []
     lengths = [len(t.tokens) for t in traces]
-    context = sum(contexts) // len(contexts)
     rows = []
     for E in tqdm(list(exit_layers), desc="replay: step times", disable=not progress, leave=False):
         times = measure_step_times(stack, E, range(0, max(num_speculations) + 1), context_len=context,
