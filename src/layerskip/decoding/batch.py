@@ -79,13 +79,22 @@ def _positions(rows: list[Row], device, offsets=None) -> torch.Tensor:
     return torch.tensor([r.pos + (offsets[i] if offsets else 0) for i, r in enumerate(rows)], device=device)
 
 
-def _finish(row: Row, tokens: list[int], on_tokens) -> None:
+def _finish(row: Row, tokens: list[int], on_tokens) -> int:
+    """`tokens` emitted for the row as far as its stop rules let them; returns how many it kept."""
     emit, reason = row.stopper.accept(row.generated, tokens)
     row.generated += emit
     if on_tokens and emit:
         on_tokens(row.index, emit)
     if reason:
         row.stats.stop_reason, row.done = reason, True
+    return len(emit)
+
+
+def _emit(row: Row, pos: int, tokens: list[int], on_tokens) -> int:
+    """A step's or round's outcome for one row: its accepted sequence now ends at `pos`, and `tokens` are
+    emitted (`_finish`), the last one pending, to be fed next. Returns how many of them the row kept."""
+    row.pos, row.pending = pos, [tokens[-1]]
+    return _finish(row, tokens, on_tokens)
 
 
 class Batch:
@@ -224,9 +233,7 @@ def _step(stack: LayerStack, cache, rows: list[Row], num_layers: int, on_tokens)
         token = int(step(stack, _alone(cache, r), _pending(r, stack.device), r.pos, num_layers, r.params,
                          r.generator))
         r.stats.rounds += 1
-        r.pos += len(r.pending)
-        r.pending = [token]
-        _finish(r, [token], on_tokens)
+        _emit(r, r.pos + len(r.pending), [token], on_tokens)
         return
     counts = [len(r.pending) for r in rows]
     h = stack.run(stack.embed(_block([r.pending for r in rows], stack.device)), 0, num_layers, cache,
@@ -239,9 +246,7 @@ def _step(stack: LayerStack, cache, rows: list[Row], num_layers: int, on_tokens)
             tokens[b] = int(select(logits[b:b + 1], r.params, r.generator)[0])
     for r, n, t in zip(rows, counts, tokens):
         r.stats.rounds += 1
-        r.pos += n
-        r.pending = [t]
-        _finish(r, [t], on_tokens)
+        _emit(r, r.pos + n, [t], on_tokens)
 
 
 def _greedy_drafts(logits: torch.Tensor, vocab: torch.Tensor | None,
@@ -298,13 +303,10 @@ def _round(stack: LayerStack, cache, rows: list[Row], E: int, d: int, vocab, thr
         return _speculative_round(stack, cache, rows, E, d, vocab, threshold, on_tokens, probes)
     r = rows[0]
     k = min(d, r.stopper.remaining(r.generated) - 1)  # room for the verifier's token
-    out, r.pos = run_round(stack, _alone(cache, r), _pending(r, stack.device), r.pos, k, exit_layer=E,
-                           params=r.params, generator=r.generator, vocab=vocab, confidence_threshold=threshold,
-                           probes=probes)
-    before = len(r.generated)
-    r.pending = [out.tokens[-1]]
-    _finish(r, out.tokens, on_tokens)
-    r.stats.add_round(out.drafted, min(out.accepted, len(r.generated) - before), E, d)
+    out, pos = run_round(stack, _alone(cache, r), _pending(r, stack.device), r.pos, k, exit_layer=E,
+                         params=r.params, generator=r.generator, vocab=vocab, confidence_threshold=threshold,
+                         probes=probes)
+    r.stats.add_round(out.drafted, min(out.accepted, _emit(r, pos, out.tokens, on_tokens)), E, d)
     return [replace(out, shadow={})], out.shadow
 
 
@@ -395,11 +397,8 @@ def _speculative_round(stack: LayerStack, cache, rows: list[Row], E: int, d: int
         q = torch.cat(probs[b], 0) if r.params.do_sample and drafts[b] else None
         a, nxt = accept_round(Draft(tokens, q, seqs[b][None], r.pos, counts[b]), logits[b], r.params, r.generator)
         rounds.append(Round(len(drafts[b]), a, drafts[b][:a] + [nxt], unsure[b]))
-        before = len(r.generated)
-        r.pos += counts[b] + a  # rollback: the row keeps x0 and its accepted drafts
-        r.pending = [nxt]
-        _finish(r, rounds[-1].tokens, on_tokens)
-        r.stats.add_round(len(drafts[b]), min(a, len(r.generated) - before), E, d)
+        kept = _emit(r, r.pos + counts[b] + a, rounds[-1].tokens, on_tokens)  # rollback: x0 and accepted drafts
+        r.stats.add_round(len(drafts[b]), min(a, kept), E, d)
     if not probes:
         return rounds, {}
     # probes: each row's positions x0 .. d_a (context confirmed by the verifier), the verifier's argmax the target
