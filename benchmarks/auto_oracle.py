@@ -23,7 +23,7 @@ import layerskip
 from layerskip.decoding.auto import candidate_layers
 from layerskip.decoding.config import DecodeConfig, model_defaults
 from layerskip.evaluation.cost_model import measure_step_times
-from layerskip.evaluation.replay import decode_and_trace, replay_rounds
+from layerskip.evaluation.replay import decode_and_trace, predicted_speedup, replay_rounds
 from layerskip.evaluation.tasks import load_task
 from layerskip.files import write_json
 
@@ -31,11 +31,16 @@ from auto_speed import heldout_task
 
 
 def cell_cost(traces, times, E: int, d: int, c: float, n: int) -> list[float]:
-    """Each prompt's replayed self-speculative time at (E, d, C), in autoregressive steps (t_ar as measured with
-    that E's step times, as `sweep --replay` divides them)."""
-    t = times[E]
-    return [sum(k * t.t_draft + t.verify_time(k) for k, _ in replay_rounds(trace, E, d, c, n)) / t.t_ar
-            for trace in traces]
+    """Each prompt's replayed self-speculative time at (E, d, C), in autoregressive steps: its tokens over the
+    speedup `sweep --replay` predicts for it alone."""
+    return [len(t.tokens) / predicted_speedup([replay_rounds(t, E, d, c, n)], [len(t.tokens)], times[E])
+            for t in traces]
+
+
+def per_prompt_oracle(cells: dict, candidates: list, prompts: int, ar: int) -> tuple[list, float | None]:
+    """Each prompt's cheapest cell among `candidates`, and the speedup of the set decoded so."""
+    own = [min(candidates, key=lambda cell: cells[cell][i]) for i in range(prompts)] if candidates else []
+    return own, (ar / sum(cells[cell][i] for i, cell in enumerate(own)) if own else None)
 
 
 def main() -> None:
@@ -65,13 +70,11 @@ def main() -> None:
     ar = sum(len(t.tokens) for t in traces)  # autoregressive steps
     speedup = {cell: ar / sum(per) for cell, per in cells.items()}
     best = max(speedup, key=speedup.get)
-    own = [min(cells, key=lambda cell: cells[cell][i]) for i in range(len(traces))]
-    oracle = ar / sum(cells[cell][i] for i, cell in enumerate(own))
+    own, oracle = per_prompt_oracle(cells, list(cells), len(traces), ar)
     stored = model_defaults(model)
     key = (stored.get("exit_layer"), stored.get("num_speculations"), stored.get("confidence_threshold"))
     fixed_c = [cell for cell in cells if cell[2] == key[2]]  # auto's choice: E and d, the stored threshold kept
-    own_e_d = [min(fixed_c, key=lambda cell: cells[cell][i]) for i in range(len(traces))] if fixed_c else []
-    oracle_e_d = ar / sum(cells[cell][i] for i, cell in enumerate(own_e_d)) if own_e_d else None
+    own_e_d, oracle_e_d = per_prompt_oracle(cells, fixed_c, len(traces), ar)
     name = lambda cell: f"E{cell[0]}_d{cell[1]}_C{cell[2]:g}"
     report = {"model": args.model or "built-in", "prompts": f"{args.prompts}: {len(traces)} prompts",
               "machine": f"{platform.node()}, {os.cpu_count()} cpus, {args.threads} threads, fp32",

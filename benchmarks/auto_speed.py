@@ -176,13 +176,11 @@ def main() -> None:
     report["machine"] = (f"{platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, "
                          f"{args.threads} threads, fp32")
     report["max_new_tokens"] = args.max_new_tokens
-    for name, r in report["results"].items():
-        print(f"{name:22s} {r['tokens_per_second']:7.1f} tok/s  {r['speedup']:.2f}x  acc "
-              f"{r['acceptance_rate'] if r['acceptance_rate'] is None else round(r['acceptance_rate'], 2)}  "
-              f"identical {r['identical_to_autoregressive']}  {r.get('choices', '')}")
-    for name, r in report.get("confirmation", {}).items():
-        print(f"confirmation: {name:22s} {r['tokens_per_second']:7.1f} tok/s  {r['speedup']:.2f}x  "
-              f"identical {r['identical_to_autoregressive']}  {r.get('choices', '')}")
+    for prefix, results in (("", report["results"]), ("confirmation: ", report.get("confirmation", {}))):
+        for name, r in results.items():
+            print(f"{prefix}{name:22s} {r['tokens_per_second']:7.1f} tok/s  {r['speedup']:.2f}x  acc "
+                  f"{r['acceptance_rate'] if r['acceptance_rate'] is None else round(r['acceptance_rate'], 2)}  "
+                  f"identical {r['identical_to_autoregressive']}  {r.get('choices', '')}")
     print(f"auto / best static ({report['best_static']}): {report['auto_over_best_static']:.3f}"
           + (f"; auto / stored: {report['auto_over_stored']:.3f}" if report.get("auto_over_stored") else ""))
     if args.json:
