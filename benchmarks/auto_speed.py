@@ -164,7 +164,7 @@ def main() -> None:
     p.add_argument("--speculations", type=lambda t: [int(x) for x in t.split(",")], default=[2, 3, 4, 6, 8, 10, 12])
     p.add_argument("--thresholds", type=lambda t: [float(x) for x in t.split(",")], default=[0.0, 0.3, 0.5, 0.7])
     p.add_argument("--auto-threshold", type=float, default=None,
-                   help="fix auto's confidence threshold (default: auto chooses it)")
+                   help="auto's confidence threshold (default: the model's stored one; auto chooses E and d, not C)")
     p.add_argument("--top", type=int, default=3, help="replayed cells to time")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--confirm", action=argparse.BooleanOptionalAction, default=True,
