@@ -13,6 +13,12 @@ def test_checker_eos_then_length():
     assert c.accept([1, 2, 3], [4, 5, 6]) == ([4, 5], "length")
 
 
+def test_a_round_drafts_one_fewer_than_the_tokens_left():
+    c = StopChecker(5)
+    assert c.drafts([], 8) == 4 and c.drafts([], 3) == 3
+    assert c.drafts([1, 2, 3, 4], 8) == 0  # the last token is the verifier's own
+
+
 @pytest.fixture(scope="module")
 def model_and_tokenizer(tiny_checkpoint):
     return AutoModelForCausalLM.from_pretrained(tiny_checkpoint).eval(), AutoTokenizer.from_pretrained(tiny_checkpoint)

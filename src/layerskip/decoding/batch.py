@@ -302,7 +302,7 @@ def _round(stack: LayerStack, cache, rows: list[Row], E: int, d: int, vocab, thr
     if len(rows) > 1:
         return _speculative_round(stack, cache, rows, E, d, vocab, threshold, on_tokens, probes)
     r = rows[0]
-    k = min(d, r.stopper.remaining(r.generated) - 1)  # room for the verifier's token
+    k = r.stopper.drafts(r.generated, d)
     out, pos = run_round(stack, _alone(cache, r), _pending(r, stack.device), r.pos, k, exit_layer=E,
                          params=r.params, generator=r.generator, vocab=vocab, confidence_threshold=threshold,
                          probes=probes)
@@ -327,7 +327,7 @@ def _speculative_round(stack: LayerStack, cache, rows: list[Row], E: int, d: int
                 tapped[e][b].append(h_e[b])
 
     counts = [len(r.pending) for r in rows]  # n_b
-    limits = [min(d, r.stopper.remaining(r.generated) - 1) for r in rows]  # k_b at most: room for the verifier
+    limits = [r.stopper.drafts(r.generated, d) for r in rows]  # k_b at most
     h = stack.run(stack.embed(_block([r.pending for r in rows], device)), 0, E, cache, _positions(rows, device),
                   early)
     exits = [[h[b, :counts[b]]] for b in range(B)]  # each row's exit hidden states, in order

@@ -216,7 +216,7 @@ def decode_self_speculative(stack: LayerStack, prompt: torch.Tensor, *, exit_lay
     while stopper.remaining(generated) > 0:
         if plan:
             E, d, probes = plan.choose(1)
-        k = min(d, stopper.remaining(generated) - 1)  # room for the verifier's own token
+        k = stopper.drafts(generated, d)
         t0 = clock()
         r, pos = run_round(stack, cache, pending, pos, k, exit_layer=E, params=params, generator=generator,
                            vocab=draft_vocab, confidence_threshold=confidence_threshold, timer=timer, probes=probes)

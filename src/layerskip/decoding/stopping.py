@@ -28,6 +28,11 @@ class StopChecker:
     def remaining(self, generated: list[int]) -> int:
         return self.max_new_tokens - len(generated)
 
+    def drafts(self, generated: list[int], d: int) -> int:
+        """How many of d drafts a round may make: a round emits its accepted drafts and the verifier's own token,
+        so it drafts at most one fewer than the tokens left."""
+        return min(d, self.remaining(generated) - 1)
+
     def accept(self, generated: list[int], new: list[int]) -> tuple[list[int], str | None]:
         """Returns (the prefix of `new` to emit, stop reason or None)."""
         keep, reason = [], None
