@@ -70,21 +70,19 @@ time "$PY" -m layerskip analyze --model "$RUN/model" --compare smollm2-135m --da
 # (--confidence-threshold $CONF) and the draft vocabulary `layerskip train` stored with the model:
 #   a sweep over (E, d) on the trained model picks the point (unless E and D are given), then a bench of the
 #   trained and of the untrained model there. The untrained model gets the same draft vocabulary: a copy of
-#   its checkpoint ($RUN/base, weights linked) with the trained model's list in its config.
+#   its checkpoint ($RUN/base, files linked) with the trained model's draft_vocab.json beside them.
 "$PY" - "$RUN" <<'PY'
-import json, os, sys
+import os, sys
 from pathlib import Path
+from layerskip.draft_vocab import FILE_NAME
 from layerskip.models import resolve
 run = Path(sys.argv[1]); base = Path(resolve("smollm2-135m")); out = run / "base"
 out.mkdir(exist_ok=True)
 for f in base.iterdir():
-    if f.name != "config.json" and not (out / f.name).exists():
+    if f.name != FILE_NAME and not (out / f.name).exists():
         os.symlink(f.resolve(), out / f.name)
-config = json.loads((base / "config.json").read_text())
-stored = json.loads((run / "model" / "config.json").read_text()).get("layerskip", {})
-config["layerskip"] = {"draft_vocab": stored["draft_vocab"]}
-(out / "config.json.tmp").write_text(json.dumps(config, indent=1))
-os.replace(out / "config.json.tmp", out / "config.json")
+(out / (FILE_NAME + ".tmp")).write_bytes((run / "model" / FILE_NAME).read_bytes())
+os.replace(out / (FILE_NAME + ".tmp"), out / FILE_NAME)
 PY
 CONF=${CONF:-0.85}
 if [ -z "${E:-}" ] || [ -z "${D:-}" ]; then

@@ -128,8 +128,11 @@ def generate(model, input_ids, config: DecodeConfig | None = None, *, attention_
             strategy: "autoregressive" (the baseline), "early_exit" (lossy: layers [0, E) + the model's
                 final norm and head; LayerSkip §4.1) or "self_speculative" (lossless: draft with [0, E),
                 verify with [E, L) in one pass, one shared KV cache; LayerSkip §4.2). Dashes also accepted.
-            exit_layer: E, 1 <= E < L. Default: the value stored with the model, else L // 2.
-            num_speculations: d, drafts per round. Default: the value stored with the model, else 4.
+            exit_layer: E, 1 <= E < L, or "auto" (self-speculative only: E and d chosen while decoding,
+                decoding/auto.py). Default: the value stored with the model, else "auto" for self-speculative
+                decoding and L // 2 for early exit.
+            num_speculations: d, drafts per round. Default: the value stored with the model, else 4. With
+                exit_layer "auto", the longest draft it may choose (None: up to auto.MAX_SPECULATIONS, 12).
             confidence_threshold: self-speculative only: stop a round's drafting where the draft
                 distribution's top probability is below it (adaptive draft length; lossless, also when
                 sampling). Default: the value stored with the model, else 0 (always draft d).

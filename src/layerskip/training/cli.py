@@ -36,7 +36,7 @@ def _add_selfgen_parser(subparsers) -> argparse.ArgumentParser:
                "  layerskip train --data runs/selfgen.jsonl --early-exit-targets final --curriculum none ...",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--model", help="model spec (dir, hub id, 'default'); default: built-in")
+    p.add_argument("--model", help="model spec (dir, hub id, 'default', 'smollm2-135m'); default: built-in")
     p.add_argument("--data", action="append", metavar="PATH", required=True,
                    help="code file, dir, glob or .jsonl to cut prompts from (repeatable): one per function, in the "
                         "--prompt-shape, with 400 characters before it")
@@ -98,7 +98,8 @@ def _add_train_parser(subparsers) -> argparse.ArgumentParser:
         argument_default=None,
     )
     g = p.add_argument_group("model")
-    g.add_argument("--model", help="checkpoint to continue from (dir, hub id, 'default'); default: built-in")
+    g.add_argument("--model",
+                   help="checkpoint to continue from (dir, hub id, 'default', 'smollm2-135m'); default: built-in")
     g.add_argument("--init", metavar="CONFIG", help="random init from a config.json or a dir holding one")
     g.add_argument("--tokenizer", help="tokenizer dir or hub id (with --init; default: the built-in model's)")
     g.add_argument("--dtype", choices=DTYPES, help="float32 (default), or bfloat16/float16 mixed precision")
