@@ -24,10 +24,9 @@ from layerskip.decoding.auto import candidate_layers
 from layerskip.decoding.config import DecodeConfig, model_defaults
 from layerskip.evaluation.cost_model import measure_step_times
 from layerskip.evaluation.replay import decode_and_trace, predicted_speedup, replay_rounds
-from layerskip.evaluation.tasks import load_task
 from layerskip.files import write_json
 
-from auto_speed import heldout_task
+from auto_speed import add_prompt_args, prompt_task
 
 
 def cell_cost(traces, times, E: int, d: int, c: float, n: int) -> list[float]:
@@ -45,11 +44,7 @@ def per_prompt_oracle(cells: dict, candidates: list, prompts: int, ar: int) -> t
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=None, help="a --model spec (default: the built-in model)")
-    p.add_argument("--prompts", choices=("heldout", "humaneval"), default="heldout")
-    p.add_argument("--skip", type=int, default=24, help="held-out prompts left out (the stored settings' tuning set)")
-    p.add_argument("--limit", type=int, default=16)
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    add_prompt_args(p)
     p.add_argument("--speculations", type=lambda t: [int(x) for x in t.split(",")], default=[2, 3, 4, 6, 8, 10, 12])
     p.add_argument("--thresholds", type=lambda t: [float(x) for x in t.split(",")], default=[0.0, 0.3, 0.5, 0.7])
     p.add_argument("--threads", type=int, default=2)
@@ -58,8 +53,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     model, tokenizer = layerskip.load(args.model)
     stack = layerskip.prepare(model, tune=True)
-    task = (heldout_task(args.skip, args.limit) if args.prompts == "heldout"
-            else load_task("humaneval", limit=args.limit))
+    task = prompt_task(args)
     n, layers = args.max_new_tokens, candidate_layers(stack.num_layers)
     vocab = DecodeConfig("self_speculative").resolve(model, warn=False).draft_vocab_tensor(stack.device)
     traces, context = decode_and_trace(stack, tokenizer, task, layers, vocab, n)

@@ -23,8 +23,9 @@ import torch
 import layerskip
 from layerskip.decoding import auto, self_speculative
 from layerskip.evaluation.bench import encode_prompt
-from layerskip.evaluation.tasks import load_task
 from layerskip.files import write_json
+
+from auto_speed import add_prompt_args, prompt_task
 
 PARTS = {"choose": (auto.AutoPlan, "choose"), "best_round": (auto.AutoPlan, "best_round"),
          "observe_round": (auto.AutoPlan, "observe_round"), "observe_speed": (auto.AutoPlan, "observe_speed")}
@@ -52,23 +53,14 @@ def instrument(spent: dict, calls: collections.Counter) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=None, help="a --model spec (default: the built-in model)")
-    p.add_argument("--prompts", choices=("heldout", "humaneval"), default="humaneval")
-    p.add_argument("--skip", type=int, default=24, help="held-out prompts left out (as in auto_speed.py)")
-    p.add_argument("--limit", type=int, default=16)
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    add_prompt_args(p, prompts="humaneval")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", default=None)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     model, tokenizer = layerskip.load(args.model)
     engine = layerskip.prepare(model, tune=True)
-    if args.prompts == "heldout":
-        from auto_speed import heldout_task
-
-        task = heldout_task(args.skip, args.limit)
-    else:
-        task = load_task("humaneval", limit=args.limit)
+    task = prompt_task(args)
     n = args.max_new_tokens
     prompts = [encode_prompt(tokenizer, s, model, n) for s in task.samples]
     cfg = dict(strategy="self_speculative", exit_layer="auto", max_new_tokens=n)

@@ -48,6 +48,20 @@ def heldout_task(skip: int, limit: int, shape: str = "def"):
     return load_task(f"jsonl:{path}")
 
 
+def add_prompt_args(p: argparse.ArgumentParser, *, prompts: str = "heldout", limit: int = 16) -> None:
+    """The flags these benchmarks share: the model, the prompt set and its size, the tokens per prompt."""
+    p.add_argument("--model", default=None, help="a --model spec (default: the built-in model)")
+    p.add_argument("--prompts", choices=("heldout", "humaneval"), default=prompts)
+    p.add_argument("--skip", type=int, default=24, help="held-out prompts left out (the stored settings' tuning set)")
+    p.add_argument("--limit", type=int, default=limit)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+
+
+def prompt_task(args):
+    """The task `add_prompt_args`' flags name: held-out code prompts, or the first HumanEval ones."""
+    return heldout_task(args.skip, args.limit) if args.prompts == "heldout" else load_task("humaneval", limit=args.limit)
+
+
 def timed(engine, prompts, configs: dict, tokenizer, stops) -> dict:
     for cfg in configs.values():  # warm-up: kernels, auto's cost table
         layerskip.generate(engine, prompts[0], tokenizer=tokenizer, **{**cfg, "max_new_tokens": 16})
@@ -78,8 +92,7 @@ def timed(engine, prompts, configs: dict, tokenizer, stops) -> dict:
 def real_model(args) -> dict:
     model, tokenizer = layerskip.load(args.model)
     engine = layerskip.prepare(model, tune=True)
-    task = (heldout_task(args.skip, args.limit) if args.prompts == "heldout"
-            else load_task("humaneval", limit=args.limit))
+    task = prompt_task(args)
     from layerskip.evaluation.replay import replay_grid
 
     L = engine.num_layers
@@ -155,12 +168,8 @@ def synthetic(args) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=None, help="a --model spec (default: the built-in model)")
-    p.add_argument("--prompts", choices=("heldout", "humaneval"), default="heldout")
+    add_prompt_args(p)
     p.add_argument("--synthetic", action="store_true", help="the exact-draft synthetic model instead")
-    p.add_argument("--skip", type=int, default=24, help="held-out prompts left out (the stored settings' tuning set)")
-    p.add_argument("--limit", type=int, default=16)
-    p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--speculations", type=lambda t: [int(x) for x in t.split(",")], default=[2, 3, 4, 6, 8, 10, 12])
     p.add_argument("--thresholds", type=lambda t: [float(x) for x in t.split(",")], default=[0.0, 0.3, 0.5, 0.7])
     p.add_argument("--auto-threshold", type=float, default=None,
