@@ -1,5 +1,7 @@
 """exit_layer="auto" (decoding/auto.py): lossless on every architecture, batch 1 and batched; it finds the exit an
 exact-draft model agrees at, keeps off exits that disagree, and switching E between rounds leaves a valid cache."""
+import types
+
 import pytest
 import torch
 
@@ -220,17 +222,83 @@ def _plan_with_shadow(stored_start: bool, positions: int):
     return plan
 
 
+def _measure(plan, E: int, tokens_per_s: float = 400.0) -> None:
+    for _ in range(auto.MEASURED_ROUNDS):
+        plan.observe_speed(E, 1, 4, 4 / tokens_per_s)
+
+
 def test_a_stored_exit_layer_is_left_only_on_evidence():
-    assert plan_choice(_plan_with_shadow(stored_start=True, positions=3)) == 3  # three probed positions: stay
-    assert plan_choice(_plan_with_shadow(stored_start=True, positions=int(auto.SHADOW_ENOUGH) + 1)) == 5
+    """Past the generation's first FRESH_FOR rounds, with the stored E's own speed measured, and enough probed
+    positions of the other layer; a guessed start is left on the estimates alone."""
+    late = auto.FRESH_FOR + 1
+    enough = int(auto.SHADOW_ENOUGH) + 1
+    plan = _plan_with_shadow(stored_start=True, positions=enough)
+    assert plan_choice(plan, rounds=late) == 3  # the stored E not measured yet: stay
+    plan = _plan_with_shadow(stored_start=True, positions=enough)
+    _measure(plan, 3)
+    assert plan_choice(plan) == 3  # measured, but within the generation's first rounds: stay
+    plan = _plan_with_shadow(stored_start=True, positions=3)
+    plan.rounds = late
+    _measure(plan, 3)
+    assert plan_choice(plan, rounds=late) == 3  # three probed positions: stay
+    plan = _plan_with_shadow(stored_start=True, positions=enough)
+    plan.rounds = late
+    _measure(plan, 3)
+    assert plan_choice(plan, rounds=late) == 5
     assert plan_choice(_plan_with_shadow(stored_start=False, positions=3)) == 5  # a guessed start: estimates decide
 
 
-def plan_choice(plan) -> int:
-    plan.rounds = auto.WARMUP_ROUNDS + 1  # not a probe round
+def plan_choice(plan, rounds: int = auto.WARMUP_ROUNDS + 1) -> int:
+    assert rounds % auto.PROBE_EVERY  # not a probe round
+    plan.rounds = rounds
     E, _, probes = plan.choose(1)
     assert not probes
     return E
+
+
+def test_a_left_stored_exit_layer_is_tried_again_once_its_speed_is_stale():
+    """Left for E = 5 on evidence, the stored E = 3 is measured again once its speed is FRESH_FOR rounds old and
+    5's is measured (no shadow can bring it back); it stays until measured, then the faster one wins."""
+    plan = _plan_with_shadow(stored_start=True, positions=int(auto.SHADOW_ENOUGH) + 1)
+    plan.rounds = auto.FRESH_FOR + 1
+    _measure(plan, 3, 300.0)
+    assert plan_choice(plan, rounds=auto.FRESH_FOR + 1) == 5
+    plan.rounds = 2 * auto.FRESH_FOR + 3
+    _measure(plan, 5, 400.0)
+    assert plan._measured(3, 1) is None and plan._measured(5, 1) == pytest.approx(400.0)
+    assert plan_choice(plan, rounds=2 * auto.FRESH_FOR + 3) == 3  # a trial of the stored E
+    for r in range(2 * auto.FRESH_FOR + 4, 2 * auto.FRESH_FOR + 4 + auto.MEASURED_ROUNDS - 1):
+        plan.rounds = r
+        plan.observe_speed(3, 1, 4, 4 / 500.0)  # the stale 300 tokens/s forgotten: measured afresh
+        if r % auto.PROBE_EVERY:
+            assert plan_choice(plan, rounds=r) == 3  # held until measured
+    plan.observe_speed(3, 1, 4, 4 / 500.0)
+    assert plan._measured(3, 1) == pytest.approx(500.0)
+    assert plan_choice(plan, rounds=2 * auto.FRESH_FOR + 5 + auto.MEASURED_ROUNDS) == 3  # 500 > 400: stays
+
+
+def test_a_layer_left_long_ago_is_judged_by_its_shadows():
+    """A layer's own rounds speak for it for FRESH_FOR rounds after its last; then its (fresher) shadows do."""
+    plan = _plan_with_shadow(stored_start=False, positions=8)
+    for _ in range(int(auto.REAL_ENOUGH) + 1):
+        plan.accepted[5].add([False])  # E = 5's own rounds, all rejected...
+    plan.observe_round(5, types.SimpleNamespace(accepted=0, drafted=1, unsure=False, shadow={}))
+    plan.rounds += auto.FRESH_FOR
+    assert plan._rates(5, plan.accepted, plan.shadow_accepted)[0] < 0.2  # ...still count
+    plan.rounds += 1
+    assert plan._rates(5, plan.accepted, plan.shadow_accepted)[0] > 0.5  # the shadows, which all agree
+
+
+def test_a_probe_round_after_a_capped_round_drafts_past_the_chosen_length():
+    for accepted, drafted, deeper in ((2, 2, True), (1, 2, False), (0, 0, False)):
+        plan = _plan_with_shadow(stored_start=True, positions=3)
+        plan.observe_round(3, types.SimpleNamespace(accepted=accepted, drafted=drafted, unsure=False, shadow={}))
+        plan.rounds = auto.PROBE_EVERY * 3  # a probe round, past the warm-up
+        chosen = plan.best_round(3, 1)[1]
+        E, k, probes = plan.choose(1)
+        assert probes and E == 3
+        assert k == (min(plan.max_speculations, auto.PROBE_DEPTH * chosen + 2) if deeper else chosen)
+    assert min(plan.max_speculations, auto.PROBE_DEPTH * chosen + 2) > chosen
 
 
 def test_a_layer_chosen_on_a_prediction_is_kept_until_measured():
@@ -276,3 +344,35 @@ def test_a_later_generation_starts_where_the_last_one_settled():
     assert second.token_ids == layerskip.generate(engine, other, max_new_tokens=60, eos_token_id=[]).token_ids
     fresh = auto.new_plan(layerskip.prepare(exact_model(2)), None, start=None, max_speculations=None, max_rows=1)
     assert fresh.warmup == auto.WARMUP_ROUNDS and engine.auto_memory and len(engine.auto_memory) == 1
+
+
+def _costs():
+    return auto.StepCosts(rows=(1, 64), layer=(1e-3, 2e-3), head=(1e-3, 2e-3), draft_head=(1e-4, 2e-4), fixed=1e-4)
+
+
+def test_a_later_plan_starts_at_the_stored_exit_layer_else_where_the_last_settled():
+    for stored, expected in ((True, 3), (False, 5)):
+        memory = {}
+        first = auto.AutoPlan(_costs(), 8, (2, 3, 5), 4, start=3, stored_start=stored, memory=memory)
+        assert first.exit_layer == 3 and first.warmup == auto.WARMUP_ROUNDS
+        memory["exit_layer"] = first.exit_layer = 5  # the last text's end suited E = 5 (as choose records it)
+        later = auto.AutoPlan(_costs(), 8, (2, 3, 5), 4, start=3, stored_start=stored, memory=memory)
+        assert later.exit_layer == expected and later.warmup == 1
+        assert (later.stored_start, later._carried) == (stored, not stored)  # no stored E: not held, as one is
+
+
+def test_carried_estimates_count_as_priors_with_their_rates_kept():
+    memory = {}
+    first = auto.AutoPlan(_costs(), 8, (2, 3, 5), 4, start=3, stored_start=True, memory=memory)
+    for _ in range(40):  # a looping tail: exit 2's rounds all accepted
+        first.accepted[2].add([True, True, True, False])
+    first.accepted[5].add([True, False])  # one run: below the cap, kept as it is
+    memory["exit_layer"] = 2
+    before = list(first.accepted[2].success), list(first.accepted[2].trials), list(first.accepted[5].trials)
+    later = auto.AutoPlan(_costs(), 8, (2, 3, 5), 4, start=3, stored_start=True, memory=memory)
+    s = later.accepted[2]
+    assert before[1][0] > auto.REAL_ENOUGH and s.trials[0] == pytest.approx(auto.CARRIED)
+    assert [x / t for x, t in zip(s.success, s.trials) if t] == pytest.approx(
+        [x / t for x, t in zip(*before[:2]) if t])
+    assert later.accepted[5].trials == before[2]
+    assert not later._known(2, 1)  # no longer evidence enough to leave the stored E on the old text's counts

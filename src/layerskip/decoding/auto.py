@@ -17,15 +17,21 @@ Terminology as in self_speculative.py. Two things decide which (E, d) is fastest
   speed       each round's wall time: layers are compared by measured tokens per second where one was measured
               lately (the current layer, or one tried before); the others by the cost model's prediction, scaled
               by the current layer's measured / predicted (probed positions are easy ones, which flatter shadows).
-memory      a plan shares its acceptance estimates with the engine (`stack.auto_memory`, by draft vocabulary,
-              threshold and cap): the next generation on the same engine starts at the exit layer the last one
-              chose, after one warm-up round, and its estimates go on from the old ones (they decay per token).
+  memory      a plan shares its acceptance estimates with the engine (`stack.auto_memory`, by draft vocabulary,
+              threshold and cap): the next generation on the same engine starts at the model's stored E (else at
+              the exit layer the last one chose), after one warm-up round, its estimates going on from the old
+              ones as priors (CARRIED runs each at most).
 `AutoPlan.choose` takes the k of the most predicted tokens per second at the current E, or an autoregressive step
 where no round beats it (a batch of many rows on a CPU, or acceptance that has collapsed), and switches E only for
 a clear gain (SWITCH_GAIN); a layer switched to on a prediction is kept until its own speed is measured
-(HOLD_ROUNDS at most). Lossless whatever it chooses: the verifier alone decides what is emitted, every layer's
-cache is valid up to the accepted length after every round, so E may change between rounds, and
-sampling stays distribution-exact (each choice depends only on what earlier rounds verified).
+(HOLD_ROUNDS at most). What a layer measured of itself (its speed, its own rounds' rates) speaks for it for
+FRESH_FOR rounds after its last: text changes along a generation. The model's stored E is left only past a
+generation's first FRESH_FOR rounds, once measured, and is tried again once the layer it was left for is measured
+and its own speed is stale (probes cannot see that a deeper layer's runs are longer). After a round that reached
+its cap, a probe round drafts past the chosen k (PROBE_DEPTH), so a depth once seen failing is seen again.
+Lossless whatever it chooses: the verifier alone decides what is emitted, every layer's cache is valid up to the
+accepted length after every round, so E may change between rounds, and sampling stays distribution-exact (each
+choice depends only on what earlier rounds verified).
 """
 from __future__ import annotations
 
@@ -41,6 +47,7 @@ from layerskip.runtime import interleaved_medians
 
 MAX_SPECULATIONS = 12  # the longest draft auto chooses when no num_speculations caps it
 PROBE_EVERY = 8  # a probe round every this many rounds, after the first WARMUP_ROUNDS (all probes)
+PROBE_DEPTH = 2  # a probe round after a capped round drafts up to this many times the chosen k, plus 2
 WARMUP_ROUNDS = 3
 DECAY = 0.98  # per observed token: estimates weigh the last ~1 / (1 - DECAY) tokens
 SWITCH_GAIN = 1.10  # change E only when another E's best round is predicted this much faster
@@ -48,9 +55,11 @@ SPEED_DECAY = 0.8  # per round: measured speeds weigh the last ~5 rounds
 AR = 0  # the key of autoregressive steps among measured speeds
 STEP_WITHIN = 1.3  # try steps (to measure them) where the cost model puts them within 30% of the measured round
 MEASURED_ROUNDS, MEASURED_FOR = 4, 64  # a measured speed counts after 4 rounds at it, for 64 rounds after the last
+FRESH_FOR = 16  # what a layer measured of itself (speed, own rates) speaks for it this many rounds after its last
 HOLD_ROUNDS = 2 * MEASURED_ROUNDS  # a layer chosen on a prediction is kept until measured, for at most this many
 REAL_ENOUGH = 8.0  # rounds (weighted) of a layer's own after which its own outcomes replace its shadow estimate
 SHADOW_ENOUGH = 6.0  # probed positions (weighted) a layer needs before a switch to it may rest on its shadows
+CARRIED = 4.0  # a new generation's carried estimates count as at most this many runs each: priors, not evidence
 _COST_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
@@ -161,6 +170,14 @@ class RunStats:
                     break
                 self.success[j] += 1
 
+    def shrink(self, most: float) -> None:
+        """Scale the counts down, rates unchanged, so that at most `most` runs are counted at depth 1. A layer's
+        counts decay only as it is observed; a layer left long ago would otherwise keep its old text's weight."""
+        if self.trials[0] > most:
+            f = most / self.trials[0]
+            self.success = [x * f for x in self.success]
+            self.trials = [x * f for x in self.trials]
+
     def rates(self) -> list[float]:
         """P(run goes on at depth j | it reached j), j = 1..depth, each shrunk by one pseudo-observation towards
         the rate of the depth before it (depth 1: towards the pooled rate, itself towards 1/2). Depths past the
@@ -200,7 +217,7 @@ class AutoPlan:
     start: int
     start_speculations: int | None = None  # d of the warm-up rounds (the model's stored d), else the prior's best
     threshold: float = 0.0
-    stored_start: bool = False  # `start` is the model's stored (tuned) E: left only on evidence (SHADOW_ENOUGH)
+    stored_start: bool = False  # `start` is the model's stored (tuned) E: held, left only on evidence, tried again
     accepted: dict[int, RunStats] = field(default_factory=dict)  # from each layer's own rounds
     confident: dict[int, RunStats] = field(default_factory=dict)
     shadow_accepted: dict[int, RunStats] = field(default_factory=dict)  # from probes
@@ -211,6 +228,9 @@ class AutoPlan:
     _others: tuple | None = field(default=None, repr=False)  # (B, {E: (predicted tokens/s, k)}) for other layers
     _probing: bool = field(default=False, repr=False)  # the round just chosen is a probe round
     _trial: tuple[int, int] | None = field(default=None, repr=False)  # (E, round) of the last switch on prediction
+    _carried: bool = field(default=False, repr=False)  # `start` is where the last generation ended: left on evidence
+    _capped: bool = field(default=False, repr=False)  # the last round drafted to its cap, every draft accepted
+    _last_round: dict[int, int] = field(default_factory=dict, repr=False)  # E -> the last round run at E
     memory: dict | None = field(default=None, repr=False)  # the engine's estimates from earlier generations
     warmup: int = WARMUP_ROUNDS  # rounds that probe every candidate before any switch
 
@@ -218,8 +238,12 @@ class AutoPlan:
         tables = (self.accepted, self.confident, self.shadow_accepted, self.shadow_confident)
         if self.memory and "tables" in self.memory:  # the estimates go on from the last generation's
             for table, kept in zip(tables, self.memory["tables"]):
+                for e, stats in kept.items():
+                    stats.shrink(CARRIED)
                 table.update(kept)
-            self.start, self.stored_start, self.warmup = self.memory["exit_layer"], True, 1
+            if not self.stored_start:  # else the stored E: the last one suited the end of the last text
+                self.start, self._carried = self.memory["exit_layer"], True
+            self.warmup = 1
         else:
             for e in self.candidates:
                 for table in tables:
@@ -232,6 +256,8 @@ class AutoPlan:
         """A round at E (self_speculative.Round): its a accepted drafts, then a failure (a rejected draft, or an
         unsure stop) unless drafting reached its cap with every draft accepted; its drafts' confidence (an
         unsure stop ends them); and its probes' shadow outcomes."""
+        self._last_round[E] = self.rounds
+        self._capped = not r.unsure and 0 < r.accepted == r.drafted
         self.accepted[E].add([True] * r.accepted + [False] * (r.accepted < r.drafted or r.unsure))
         if self.threshold > 0:
             self.confident[E].add([True] * r.drafted + [False] * bool(r.unsure))
@@ -246,11 +272,13 @@ class AutoPlan:
                     self.shadow_confident[e].add(confident, starts=True)
 
     def _rates(self, E: int, real: dict, shadow: dict) -> list[float]:
-        """Depth-wise rates for layer E: from its own rounds where it has had enough of them (the current layer,
-        or one tried before); else from its shadow outcomes, calibrated by how the current layer's shadow outcomes
-        compare with its real ones (probed positions are those the current layer's drafts got right: easy ones,
-        which flatter every shadow)."""
-        if E == self.exit_layer or real[E].trials[0] >= REAL_ENOUGH:
+        """Depth-wise rates for layer E: from its own rounds where it has had enough of them lately (the current
+        layer, or one left within FRESH_FOR rounds: the counts of a layer left long ago describe old text, and they
+        decay only while it is observed); else from its shadow outcomes, calibrated by how the current layer's
+        shadow outcomes compare with its real ones (probed positions are those the current layer's drafts got
+        right: easy ones, which flatter every shadow)."""
+        if E == self.exit_layer or (real[E].trials[0] >= REAL_ENOUGH
+                                    and self.rounds - self._last_round.get(E, -FRESH_FOR) <= FRESH_FOR):
             return real[E].rates()
         here, ref, theirs = real[self.exit_layer].rates(), shadow[self.exit_layer].rates(), shadow[E].rates()
         return [min(0.999, t * min(2.0, max(0.5, h / f))) for t, h, f in zip(theirs, here, ref)]
@@ -295,14 +323,22 @@ class AutoPlan:
         are not counted: their shadow heads are work an ordinary round at E does not do."""
         if self._probing:
             return
-        m = self.measured.setdefault((E, B), [0.0, 0.0, 0, 0])
+        m = self.measured.get((E, B))
+        if m is None or self.rounds - m[2] > self._fresh_for(E):  # stale: measured afresh, the old text forgotten
+            m = self.measured[(E, B)] = [0.0, 0.0, 0, 0]
         m[0], m[1], m[2], m[3] = m[0] * SPEED_DECAY + tokens, m[1] * SPEED_DECAY + seconds, self.rounds, m[3] + 1
 
+    @staticmethod
+    def _fresh_for(E: int) -> int:
+        return MEASURED_FOR if E == AR else FRESH_FOR
+
     def _measured(self, E: int, B: int) -> float | None:
-        """Tokens per second measured at (E, B) over its last rounds, if it has had MEASURED_ROUNDS of them
-        within the last MEASURED_FOR rounds."""
+        """Tokens per second measured at (E, B) over its last rounds, if it has had MEASURED_ROUNDS of them and
+        the last within FRESH_FOR rounds (autoregressive steps: MEASURED_FOR). A layer's speed measured on
+        older text is no guide: text changes along a generation (its first rounds are the hardest), and a layer
+        left early on a low speed would stay left."""
         m = self.measured.get((E, B))
-        if m is None or m[3] < MEASURED_ROUNDS or self.rounds - m[2] > MEASURED_FOR or m[1] <= 0:
+        if m is None or m[3] < MEASURED_ROUNDS or self.rounds - m[2] > self._fresh_for(E) or m[1] <= 0:
             return None
         return m[0] / m[1]
 
@@ -312,19 +348,24 @@ class AutoPlan:
 
         Layers are compared by measured speed where there is one (the current layer's, or one tried lately), else
         by the cost model's prediction scaled by how the current layer's measured speed compares with its own
-        prediction. The other layers' predictions change only on probe rounds: recomputed only then."""
+        prediction. The other layers' predictions change only on probe rounds: recomputed only then, and only while
+        some layer may be switched to (none may while the stored E is held)."""
         r = self.rounds
         self.rounds += 1
         current = self.best_round(self.exit_layer, B)
         if r < self.warmup and self.start_speculations:  # nothing measured yet: the stored d, if any
             current = (current[0], min(self.start_speculations, self.max_speculations))
-        if r >= self.warmup and not self._on_trial(B):  # no switching on no evidence
-            if self._others is None or self._others[0] != B:
+        if r >= self.warmup and self._retry_start(B):
+            self._trial, self.exit_layer, self._others = (self.start, self.rounds), self.start, None
+            current = self.best_round(self.start, B)
+        elif r >= self.warmup and not self._on_trial(B):  # no switching on no evidence
+            known = [E for E in self.candidates if E != self.exit_layer and self._known(E, B)]
+            if known and (self._others is None or self._others[0] != B):
                 self._others = (B, {E: self.best_round(E, B) for E in self.candidates if E != self.exit_layer})
             here = self._measured(self.exit_layer, B)
             scale = here / current[0] if here else 1.0
             value = lambda E: self._measured(E, B) or self._others[1][E][0] * scale
-            best = max((E for E in self._others[1] if self._known(E, B)), key=value, default=None)
+            best = max(known, key=value, default=None)
             # a prediction must beat the current layer clearly; a layer measured faster lately wins outright
             gain = 1.0 if here and best is not None and self._measured(best, B) else SWITCH_GAIN
             if best is not None and value(best) > (here or current[0]) * gain:
@@ -338,7 +379,12 @@ class AutoPlan:
         self._probing = bool(probes)
         if probes:
             self._others = None  # their estimates are about to change
-            return self.exit_layer, current[1], probes
+            # after a round that reached its cap, a probe round drafts past the chosen k: a round of cap k says
+            # nothing about draft k + 1, so a depth once seen failing would otherwise keep k below it for good
+            # (probe rounds are not timed; where drafts fail, a longer draft would only cost the heads)
+            deeper = (min(self.max_speculations, PROBE_DEPTH * current[1] + 2) if r >= self.warmup and self._capped
+                      else current[1])
+            return self.exit_layer, deeper, probes
         return self.exit_layer, (0 if self._step_instead(r, B, current[0]) else current[1]), ()
 
     def _on_trial(self, B: int) -> bool:
@@ -350,13 +396,25 @@ class AutoPlan:
             return False
         return self.rounds - self._trial[1] <= HOLD_ROUNDS
 
+    def _retry_start(self, B: int) -> bool:
+        """Whether to go back to the stored E for a trial: it was left, the layer it was left for has been measured,
+        and the stored E's own speed is no longer fresh. Shadows cannot bring it back: a probe sees only the
+        positions the current layer's drafts reached, so a deeper layer's longer runs go unseen, and the stored
+        E's speed was measured on the generation's first rounds, its hardest text."""
+        return (self.stored_start and self.exit_layer != self.start and not self._on_trial(B)
+                and self._measured(self.exit_layer, B) is not None and self._measured(self.start, B) is None)
+
     def _known(self, E: int, B: int) -> bool:
         """Whether there is evidence enough to leave the current layer for E. Leaving the model's stored E (tuned on
-        held-out prompts) takes a measured speed at E, enough rounds of its own, or enough probed positions: a few
-        warm-up probes of short rounds say little. Any other current layer was a guess or a choice on evidence, and
-        the estimates alone decide."""
-        if not (self.stored_start and self.exit_layer == self.start):
+        whole generations of held-out prompts) waits for the generation's first FRESH_FOR rounds (its hardest text,
+        the fewest observations: on held-out code nearly every switch made that early lost) and for the stored E's
+        own measured speed, and then takes a measured speed at E, enough rounds of its own, or enough probed
+        positions; leaving the E the last generation ended at (no stored E) takes the evidence alone. Any other
+        current layer was a guess or a choice on evidence, and the estimates alone decide."""
+        if not ((self.stored_start or self._carried) and self.exit_layer == self.start):
             return True
+        if self.stored_start and (self.rounds <= FRESH_FOR or self._measured(self.exit_layer, B) is None):
+            return False
         return (self._measured(E, B) is not None or self.accepted[E].trials[0] >= REAL_ENOUGH
                 or self.shadow_accepted[E].trials[0] >= SHADOW_ENOUGH)
 
@@ -370,9 +428,6 @@ class AutoPlan:
             return guess > predicted
         here, step = self._measured(self.exit_layer, B), self._measured(AR, B)
         if step is None and here is not None and r >= self.warmup and guess * STEP_WITHIN > here:
-            m = self.measured.get((AR, B))
-            if m is not None and self.rounds - m[2] > MEASURED_FOR:
-                del self.measured[(AR, B)]  # stale: measure afresh
             return True
         if step is not None and here is not None:
             return step > here
@@ -390,8 +445,10 @@ def new_plan(stack: LayerStack, vocab: torch.Tensor | None, *, start: int | None
     """An AutoPlan for this engine: costs timed (or reused), every candidate layer, starting at `start`
     (None: the middle of the candidates), choosing drafts of at most `max_speculations` (None: 12), drafting
     with confidence threshold `threshold`. A later plan on the same engine and settings goes on from the
-    estimates of the earlier ones (`stack.auto_memory`): it starts at the exit layer they last chose, with one
-    warm-up round instead of WARMUP_ROUNDS (the estimates decay, so the new text soon outweighs the old)."""
+    estimates of the earlier ones (`stack.auto_memory`), each counted as at most CARRIED runs (a layer's counts
+    decay only while it is observed, so a layer last used on the old text's loop would keep its weight), with one
+    warm-up round instead of WARMUP_ROUNDS; it starts at the model's stored E, else at the exit layer they last
+    chose (where the last text ended is no guide to where a new one starts, when a tuned E is known)."""
     candidates = candidate_layers(stack.num_layers)
     d = max_speculations or MAX_SPECULATIONS
     costs = step_costs(stack, vocab, max_rows * (d + 1))
