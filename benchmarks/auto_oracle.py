@@ -79,8 +79,9 @@ def main() -> None:
               "oracle_at_stored_threshold": oracle_e_d,
               "oracle_at_stored_threshold_over_best": oracle_e_d / speedup[best] if oracle_e_d else None,
               "per_prompt_best_at_stored_threshold": [name(c) for c in own_e_d]}
-    print(f"best cell {report['best_cell']}: {speedup[best]:.2f}x; stored {report['stored_cell']}: "
-          f"{report['stored_speedup'] or float('nan'):.2f}x; per-prompt oracle {oracle:.2f}x "
+    stored_text = (f"stored {report['stored_cell']}: {report['stored_speedup']:.2f}x" if report["stored_cell"]
+                   else "the stored cell is outside this grid" if any(key) else "no stored cell")
+    print(f"best cell {report['best_cell']}: {speedup[best]:.2f}x; {stored_text}; per-prompt oracle {oracle:.2f}x "
           f"({oracle / speedup[best]:.3f} of the best cell)")
     print("per-prompt best:", " ".join(report["per_prompt_best"]))
     if oracle_e_d:
