@@ -52,7 +52,8 @@ def add_prompt_args(p: argparse.ArgumentParser, *, prompts: str = "heldout", lim
     """The flags these benchmarks share: the model, the prompt set and its size, the tokens per prompt."""
     p.add_argument("--model", default=None, help="a --model spec (default: the built-in model)")
     p.add_argument("--prompts", choices=("heldout", "humaneval"), default=prompts)
-    p.add_argument("--skip", type=int, default=24, help="held-out prompts left out (the stored settings' tuning set)")
+    p.add_argument("--skip", type=int, default=24,
+                   help="held-out prompts left out (0..23 tuned the built-in model's stored settings)")
     p.add_argument("--limit", type=int, default=limit)
     p.add_argument("--max-new-tokens", type=int, default=128)
 
@@ -118,8 +119,8 @@ def real_model(args) -> dict:
     static = {k: v for k, v in results.items() if k not in ("autoregressive", "auto")}
     best = max(static, key=lambda k: static[k]["tokens_per_second"])
     report = {"model": args.model or "built-in", "prompts": f"{args.prompts}: {len(prompts)} prompts"
-              + (f" (held-out prompts {args.skip}..{args.skip + len(prompts) - 1}; 0..{args.skip - 1} tuned the "
-                 "stored settings)" if args.prompts == "heldout" else ""),
+              + (f" (held-out prompts {args.skip}..{args.skip + len(prompts) - 1}; the built-in model's stored "
+                 "settings were tuned on 0..23)" if args.prompts == "heldout" else ""),
               "replay_top": grid[:args.top * 2], "results": results, "best_static": best}
     return confirmed(report, engine, prompts, configs, tokenizer, stops, args.confirm)
 

@@ -376,3 +376,21 @@ def test_carried_estimates_count_as_priors_with_their_rates_kept():
         [x / t for x, t in zip(*before[:2]) if t])
     assert later.accepted[5].trials == before[2]
     assert not later._known(2, 1)  # no longer evidence enough to leave the stored E on the old text's counts
+
+
+def test_back_from_a_lost_trial_it_stays_a_while():
+    """A trial (E = 5) measured slower than the layer it left: back to E = 3, which then keeps for HOLD_ROUNDS
+    rounds although E = 2's shadows promise more; a trial after every return would cost a trial's rounds each time."""
+    plan = auto.AutoPlan(_costs(), 8, (2, 3, 5), 4, start=3)
+    for _ in range(4):
+        plan.accepted[3].add([True, False])
+        plan.shadow_accepted[3].add([True, False], starts=True)
+    plan.rounds = 20
+    _measure(plan, 3, 400.0)
+    plan.exit_layer, plan._trial = 5, (5, 15)
+    _measure(plan, 5, 200.0)  # the trial measured: half E = 3's speed
+    assert plan_choice(plan, rounds=21) == 3  # back on measured speeds
+    plan.shadow_accepted[2].add([True] * 8, starts=True)  # now E = 2 looks better than E = 3
+    chosen = {r: plan_choice(plan, rounds=r) for r in range(22, 22 + auto.HOLD_ROUNDS + 4) if r % auto.PROBE_EVERY}
+    assert all(E == 3 for r, E in chosen.items() if r <= 21 + auto.HOLD_ROUNDS)
+    assert 2 in chosen.values()  # and then E = 2 gets its trial

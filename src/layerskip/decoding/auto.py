@@ -24,11 +24,12 @@ Terminology as in self_speculative.py. Two things decide which (E, d) is fastest
 `AutoPlan.choose` takes the k of the most predicted tokens per second at the current E, or an autoregressive step
 where no round beats it (a batch of many rows on a CPU, or acceptance that has collapsed), and switches E only for
 a clear gain (SWITCH_GAIN); a layer switched to on a prediction is kept until its own speed is measured
-(HOLD_ROUNDS at most). What a layer measured of itself (its speed, its own rounds' rates) speaks for it for
-FRESH_FOR rounds after its last: text changes along a generation. The model's stored E is left only past a
-generation's first FRESH_FOR rounds, once measured, and is tried again once the layer it was left for is measured
-and its own speed is stale (probes cannot see that a deeper layer's runs are longer). After a round that reached
-its cap, a probe round drafts past the chosen k (PROBE_DEPTH), so a depth once seen failing is seen again.
+(HOLD_ROUNDS at most), and the layer it goes back to, if that trial lost, is kept HOLD_ROUNDS. What a layer
+measured of itself (its speed, its own rounds' rates) speaks for it for FRESH_FOR rounds after its last: text
+changes along a generation. The model's stored E is left only past a generation's first FRESH_FOR rounds, once
+measured, and is tried again once the layer it was left for is measured and its own speed is stale (probes cannot
+see that a deeper layer's runs are longer). After a round that reached its cap, a probe round drafts past the
+chosen k (PROBE_DEPTH), so a depth once seen failing is seen again.
 Lossless whatever it chooses: the verifier alone decides what is emitted, every layer's cache is valid up to the
 accepted length after every round, so E may change between rounds, and sampling stays distribution-exact (each
 choice depends only on what earlier rounds verified).
@@ -230,6 +231,7 @@ class AutoPlan:
     _trial: tuple[int, int] | None = field(default=None, repr=False)  # (E, round) of the last switch on prediction
     _carried: bool = field(default=False, repr=False)  # `start` is where the last generation ended: left on evidence
     _capped: bool = field(default=False, repr=False)  # the last round drafted to its cap, every draft accepted
+    _settled: int = field(default=0, repr=False)  # no switch until after this round (back from a lost trial)
     _last_round: dict[int, int] = field(default_factory=dict, repr=False)  # E -> the last round run at E
     memory: dict | None = field(default=None, repr=False)  # the engine's estimates from earlier generations
     warmup: int = WARMUP_ROUNDS  # rounds that probe every candidate before any switch
@@ -358,7 +360,7 @@ class AutoPlan:
         if r >= self.warmup and self._retry_start(B):
             self._trial, self.exit_layer, self._others = (self.start, self.rounds), self.start, None
             current = self.best_round(self.start, B)
-        elif r >= self.warmup and not self._on_trial(B):  # no switching on no evidence
+        elif r >= self.warmup and not self._on_trial(B) and self.rounds > self._settled:  # no switch on no evidence
             known = [E for E in self.candidates if E != self.exit_layer and self._known(E, B)]
             if known and (self._others is None or self._others[0] != B):
                 self._others = (B, {E: self.best_round(E, B) for E in self.candidates if E != self.exit_layer})
@@ -371,6 +373,8 @@ class AutoPlan:
             if best is not None and value(best) > (here or current[0]) * gain:
                 if self._measured(best, B) is None:
                     self._trial = (best, self.rounds)
+                elif self._trial is not None and self._trial[0] == self.exit_layer:  # a trial lost: back, and stay
+                    self._settled = self.rounds + HOLD_ROUNDS
                 self.exit_layer, current = best, self._others[1][best]
                 self._others = None
         if self.memory is not None:
