@@ -16,17 +16,15 @@ import argparse
 import os
 import platform
 
-import torch
 from tqdm import tqdm
 
-import layerskip
 from layerskip.decoding.auto import candidate_layers
 from layerskip.decoding.config import DecodeConfig, model_defaults
 from layerskip.evaluation.cost_model import measure_step_times
 from layerskip.evaluation.replay import decode_and_trace, predicted_speedup, replay_rounds
 from layerskip.files import write_json
 
-from auto_speed import add_prompt_args, prompt_task
+from auto_speed import add_prompt_args, prepared
 
 
 def cell_cost(traces, times, E: int, d: int, c: float, n: int) -> list[float]:
@@ -47,13 +45,8 @@ def main() -> None:
     add_prompt_args(p)
     p.add_argument("--speculations", type=lambda t: [int(x) for x in t.split(",")], default=[2, 3, 4, 6, 8, 10, 12])
     p.add_argument("--thresholds", type=lambda t: [float(x) for x in t.split(",")], default=[0.0, 0.3, 0.5, 0.7])
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--json", default=None)
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
-    model, tokenizer = layerskip.load(args.model)
-    stack = layerskip.prepare(model, tune=True)
-    task = prompt_task(args)
+    model, tokenizer, stack, task, _ = prepared(args)
     n, layers = args.max_new_tokens, candidate_layers(stack.num_layers)
     vocab = DecodeConfig("self_speculative").resolve(model, warn=False).draft_vocab_tensor(stack.device)
     traces, context = decode_and_trace(stack, tokenizer, task, layers, vocab, n)

@@ -18,14 +18,11 @@ import os
 import platform
 import time
 
-import torch
-
 import layerskip
 from layerskip.decoding import auto, self_speculative
-from layerskip.evaluation.bench import encode_prompt
 from layerskip.files import write_json
 
-from auto_speed import add_prompt_args, prompt_task
+from auto_speed import add_prompt_args, prepared
 
 PARTS = {"choose": (auto.AutoPlan, "choose"), "best_round": (auto.AutoPlan, "best_round"),
          "observe_round": (auto.AutoPlan, "observe_round"), "observe_speed": (auto.AutoPlan, "observe_speed")}
@@ -54,15 +51,9 @@ def instrument(spent: dict, calls: collections.Counter) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_prompt_args(p, prompts="humaneval")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--json", default=None)
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
-    model, tokenizer = layerskip.load(args.model)
-    engine = layerskip.prepare(model, tune=True)
-    task = prompt_task(args)
+    model, tokenizer, engine, task, prompts = prepared(args)
     n = args.max_new_tokens
-    prompts = [encode_prompt(tokenizer, s, model, n) for s in task.samples]
     cfg = dict(strategy="self_speculative", exit_layer="auto", max_new_tokens=n)
     layerskip.generate(engine, prompts[0], tokenizer=tokenizer, **{**cfg, "max_new_tokens": 16})  # costs, kernels
     spent, calls = collections.defaultdict(float), collections.Counter()

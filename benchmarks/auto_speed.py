@@ -49,18 +49,31 @@ def heldout_task(skip: int, limit: int, shape: str = "def"):
 
 
 def add_prompt_args(p: argparse.ArgumentParser, *, prompts: str = "heldout", limit: int = 16) -> None:
-    """The flags these benchmarks share: the model, the prompt set and its size, the tokens per prompt."""
+    """The flags these benchmarks share: the model, the prompt set and its size, the tokens per prompt, the torch
+    threads and the JSON report."""
     p.add_argument("--model", default=None, help="a --model spec (default: the built-in model)")
     p.add_argument("--prompts", choices=("heldout", "humaneval"), default=prompts)
     p.add_argument("--skip", type=int, default=24,
                    help="held-out prompts left out (0..23 tuned the built-in model's stored settings)")
     p.add_argument("--limit", type=int, default=limit)
     p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--json", default=None)
 
 
 def prompt_task(args):
     """The task `add_prompt_args`' flags name: held-out code prompts, or the first HumanEval ones."""
     return heldout_task(args.skip, args.limit) if args.prompts == "heldout" else load_task("humaneval", limit=args.limit)
+
+
+def prepared(args):
+    """(model, tokenizer, engine, task, encoded prompts) for `add_prompt_args`' flags, torch's threads set."""
+    torch.set_num_threads(args.threads)
+    model, tokenizer = layerskip.load(args.model)
+    engine = layerskip.prepare(model, tune=True)
+    task = prompt_task(args)
+    return model, tokenizer, engine, task, [encode_prompt(tokenizer, s, model, args.max_new_tokens)
+                                            for s in task.samples]
 
 
 def timed(engine, prompts, configs: dict, tokenizer, stops) -> dict:
@@ -91,9 +104,7 @@ def timed(engine, prompts, configs: dict, tokenizer, stops) -> dict:
 
 
 def real_model(args) -> dict:
-    model, tokenizer = layerskip.load(args.model)
-    engine = layerskip.prepare(model, tune=True)
-    task = prompt_task(args)
+    model, tokenizer, engine, task, prompts = prepared(args)
     from layerskip.evaluation.replay import replay_grid
 
     L = engine.num_layers
@@ -113,7 +124,6 @@ def real_model(args) -> dict:
     configs["auto"] = dict(strategy="self_speculative", exit_layer="auto", max_new_tokens=n)
     if args.auto_threshold is not None:
         configs["auto"]["confidence_threshold"] = args.auto_threshold
-    prompts = [encode_prompt(tokenizer, s, model, n) for s in task.samples]
     stops = [tuple(s.stop_strings) for s in task.samples]
     results = timed(engine, prompts, configs, tokenizer, stops)
     static = {k: v for k, v in results.items() if k not in ("autoregressive", "auto")}
@@ -176,10 +186,8 @@ def main() -> None:
     p.add_argument("--auto-threshold", type=float, default=None,
                    help="auto's confidence threshold (default: the model's stored one; auto chooses E and d, not C)")
     p.add_argument("--top", type=int, default=3, help="replayed cells to time")
-    p.add_argument("--threads", type=int, default=2)
     p.add_argument("--confirm", action=argparse.BooleanOptionalAction, default=True,
                    help="report the ratios from a second timed pass, not the one that chose the best cell")
-    p.add_argument("--json", default=None)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     report = synthetic(args) if args.synthetic else real_model(args)

@@ -20,14 +20,11 @@ import os
 import platform
 import statistics
 
-import torch
-
 import layerskip
 from layerskip.decoding import auto
-from layerskip.evaluation.bench import encode_prompt
 from layerskip.files import write_json
 
-from auto_speed import add_prompt_args, prompt_task
+from auto_speed import add_prompt_args, prepared
 
 
 def valued(plan: auto.AutoPlan, B: int) -> dict[int, float]:
@@ -64,15 +61,9 @@ def traced(switches: list, prompt: list[int]):
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_prompt_args(p)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--json", default=None)
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
-    model, tokenizer = layerskip.load(args.model)
-    engine = layerskip.prepare(model, tune=True)
-    task = prompt_task(args)
+    model, tokenizer, engine, task, prompts = prepared(args)
     n = args.max_new_tokens
-    prompts = [encode_prompt(tokenizer, s, model, n) for s in task.samples]
     configs = {"autoregressive": {}, "stored": dict(strategy="self_speculative"),
                "auto": dict(strategy="self_speculative", exit_layer="auto")}
     for cfg in configs.values():  # warm-up: kernels, auto's cost table
