@@ -157,6 +157,7 @@ def confirmed(report: dict, engine, prompts, configs: dict, tokenizer, stops, co
 def synthetic(args) -> dict:
     from layerskip.testing import make_exact_from, make_random_model
 
+    torch.set_num_threads(args.threads)
     model = make_random_model("llama", num_layers=16, hidden_size=768, intermediate_size=2048, num_heads=12,
                               vocab_size=32000, max_position_embeddings=2048, seed=0)
     make_exact_from(model, 4)
@@ -189,7 +190,6 @@ def main() -> None:
     p.add_argument("--confirm", action=argparse.BooleanOptionalAction, default=True,
                    help="report the ratios from a second timed pass, not the one that chose the best cell")
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
     report = synthetic(args) if args.synthetic else real_model(args)
     report["machine"] = (f"{platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, "
                          f"{args.threads} threads, fp32")

@@ -31,7 +31,7 @@ def valued(plan: auto.AutoPlan, B: int) -> dict[int, float]:
     """What plan.choose(B) would value each layer it may switch to at, over the current layer's value."""
     if plan.rounds < plan.warmup or plan._on_trial(B):
         return {}
-    known = [E for E in plan.candidates if E != plan.exit_layer and plan._known(E, B)]
+    known = plan._switchable(B)
     if not known:
         return {}
     predicted = plan.best_round(plan.exit_layer, B)[0]

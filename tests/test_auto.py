@@ -209,9 +209,13 @@ def test_unseen_depths_take_the_deepest_seen_rate():
     assert all(abs(r - rates[1]) < 0.05 for r in rates[2:])
 
 
+def _costs():
+    """Pass costs of a simulated machine: a layer 1 ms at one row, the head as much, the draft head a tenth."""
+    return auto.StepCosts(rows=(1, 64), layer=(1e-3, 2e-3), head=(1e-3, 2e-3), draft_head=(1e-4, 2e-4), fixed=1e-4)
+
+
 def _plan_with_shadow(stored_start: bool, positions: int):
-    costs = auto.StepCosts(rows=(1, 64), layer=(1e-3, 2e-3), head=(1e-3, 2e-3), draft_head=(1e-4, 2e-4),
-                           fixed=1e-4)
+    costs = _costs()
     plan = auto.AutoPlan(costs, num_layers=8, candidates=(2, 3, 5), max_speculations=4, start=3,
                          stored_start=stored_start)
     plan.rounds = auto.WARMUP_ROUNDS
@@ -304,8 +308,7 @@ def test_a_probe_round_after_a_capped_round_drafts_past_the_chosen_length():
 def test_a_layer_chosen_on_a_prediction_is_kept_until_measured():
     """Shadows promise E = 5, whose own rounds then fail: auto stays at 5 until 5's speed is measured, then goes
     back to the faster measured E = 3 and stays there; it never swings between the two before 5 is measured."""
-    costs = auto.StepCosts(rows=(1, 64), layer=(1e-3, 2e-3), head=(1e-3, 2e-3), draft_head=(1e-4, 2e-4),
-                           fixed=1e-4)
+    costs = _costs()
     plan = auto.AutoPlan(costs, num_layers=8, candidates=(2, 3, 5), max_speculations=4, start=3)
     plan.rounds = auto.WARMUP_ROUNDS
     for _ in range(auto.MEASURED_ROUNDS):
@@ -344,10 +347,6 @@ def test_a_later_generation_starts_where_the_last_one_settled():
     assert second.token_ids == layerskip.generate(engine, other, max_new_tokens=60, eos_token_id=[]).token_ids
     fresh = auto.new_plan(layerskip.prepare(exact_model(2)), None, start=None, max_speculations=None, max_rows=1)
     assert fresh.warmup == auto.WARMUP_ROUNDS and engine.auto_memory and len(engine.auto_memory) == 1
-
-
-def _costs():
-    return auto.StepCosts(rows=(1, 64), layer=(1e-3, 2e-3), head=(1e-3, 2e-3), draft_head=(1e-4, 2e-4), fixed=1e-4)
 
 
 def test_a_later_plan_starts_at_the_stored_exit_layer_else_where_the_last_settled():

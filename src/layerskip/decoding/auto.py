@@ -240,7 +240,7 @@ class AutoPlan:
         tables = (self.accepted, self.confident, self.shadow_accepted, self.shadow_confident)
         if self.memory and "tables" in self.memory:  # the estimates go on from the last generation's
             for table, kept in zip(tables, self.memory["tables"]):
-                for e, stats in kept.items():
+                for stats in kept.values():
                     stats.shrink(CARRIED)
                 table.update(kept)
             if not self.stored_start:  # else the stored E: the last one suited the end of the last text
@@ -361,7 +361,7 @@ class AutoPlan:
             self._trial, self.exit_layer, self._others = (self.start, self.rounds), self.start, None
             current = self.best_round(self.start, B)
         elif r >= self.warmup and not self._on_trial(B) and self.rounds > self._settled:  # no switch on no evidence
-            known = [E for E in self.candidates if E != self.exit_layer and self._known(E, B)]
+            known = self._switchable(B)
             if known and (self._others is None or self._others[0] != B):
                 self._others = (B, {E: self.best_round(E, B) for E in self.candidates if E != self.exit_layer})
             here = self._measured(self.exit_layer, B)
@@ -408,17 +408,23 @@ class AutoPlan:
         return (self.stored_start and self.exit_layer != self.start and not self._on_trial(B)
                 and self._measured(self.exit_layer, B) is not None and self._measured(self.start, B) is None)
 
+    def _switchable(self, B: int) -> list[int]:
+        """The layers the current one may be left for. None while the model's stored E (tuned on whole generations
+        of held-out prompts) is held: for the generation's first FRESH_FOR rounds (its hardest text, the fewest
+        observations: on held-out code nearly every switch made that early lost) and until its own speed is
+        measured. Then those with evidence enough (_known)."""
+        if self.stored_start and self.exit_layer == self.start and (
+                self.rounds <= FRESH_FOR or self._measured(self.exit_layer, B) is None):
+            return []
+        return [E for E in self.candidates if E != self.exit_layer and self._known(E, B)]
+
     def _known(self, E: int, B: int) -> bool:
-        """Whether there is evidence enough to leave the current layer for E. Leaving the model's stored E (tuned on
-        whole generations of held-out prompts) waits for the generation's first FRESH_FOR rounds (its hardest text,
-        the fewest observations: on held-out code nearly every switch made that early lost) and for the stored E's
-        own measured speed, and then takes a measured speed at E, enough rounds of its own, or enough probed
-        positions; leaving the E the last generation ended at (no stored E) takes the evidence alone. Any other
-        current layer was a guess or a choice on evidence, and the estimates alone decide."""
+        """Whether there is evidence enough to leave the current layer for E. Leaving the model's stored E, or the
+        E the last generation ended at (no stored E), takes a measured speed at E, enough rounds of its own, or
+        enough probed positions: a few warm-up probes of short rounds say little. Any other current layer was a
+        guess or a choice on evidence, and the estimates alone decide."""
         if not ((self.stored_start or self._carried) and self.exit_layer == self.start):
             return True
-        if self.stored_start and (self.rounds <= FRESH_FOR or self._measured(self.exit_layer, B) is None):
-            return False
         return (self._measured(E, B) is not None or self.accepted[E].trials[0] >= REAL_ENOUGH
                 or self.shadow_accepted[E].trials[0] >= SHADOW_ENOUGH)
 
