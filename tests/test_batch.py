@@ -184,3 +184,59 @@ def test_rows_joining_a_running_batch_equal_their_batch_1_output(tiny_models, na
         assert [r.generated for r in rows] == alone
     else:  # switching between rounds and steps draws a sampled row's randomness differently: greedy rows only
         assert [r.generated for r in rows if not r.params.do_sample] == alone[:3] + alone[4:]
+
+
+
+def _reference_drafted(stack, batch, E, d, cut, floor):
+    """Slow reference of a batch's first-round greedy drafting: every draft from a fresh pass of its row's whole
+    sequence through [0, E) (no cache). A row's drafting ends on a draft below its cut; the batch's where its
+    rows' expected accepted drafts (the sum of each row's product of top probabilities) fall below the floor."""
+    seqs, chance, drafting = [list(p) for p in batch], [1.0] * len(batch), [True] * len(batch)
+    while any(drafting):
+        nxt = {}
+        for b, ids in enumerate(seqs):
+            if drafting[b]:
+                h = stack.run(stack.embed(torch.tensor([ids])), 0, E, stack.new_cache(len(ids)), 0)
+                p, top = torch.softmax(stack.logits(h[0, -1]), -1).max(-1)
+                nxt[b] = (float(p), int(top))
+        if sum(chance[b] * p for b, (p, _) in nxt.items() if p >= cut) < floor:
+            break
+        for b, (p, top) in nxt.items():
+            if p < cut:
+                drafting[b] = False
+                continue
+            chance[b] *= p
+            seqs[b].append(top)
+            drafting[b] = len(seqs[b]) - len(batch[b]) < d
+    return [len(s) - len(p) for s, p in zip(seqs, batch)]
+
+
+def test_a_batch_row_drafts_past_the_batch_1_threshold_down_to_its_own_cut():
+    """In a batch a row's own drafting ends below ROW_THRESHOLD x C (decoding/batch.py), not below C: one more
+    draft costs its row of a pass that the batch runs anyway. Every row drafts what the slow reference says, and
+    on some batches more than a cut at C would let it, and fewer than no cut would (a random model with its head
+    scaled up, so that top probabilities spread over (0, 1))."""
+    from layerskip.decoding import batch as batch_module
+    from layerskip.decoding.batch import Batch, Row
+    from layerskip.decoding.result import GenerationStats
+    from layerskip.decoding.sampling import SamplingParams
+    from layerskip.decoding.stopping import StopChecker
+
+    model = make_random_model("llama", num_layers=4, seed=2)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(40)
+    stack = layerskip.prepare(model)
+    E, d, C = 1, 8, 0.7
+    floor = batch_module.PASS_COST * E / stack.num_layers * 4
+    differs = set()
+    for seed in range(12):
+        rows = prompts([6, 11, 4, 9], seed=seed)
+        batch = Batch(stack, strategy="self_speculative", exit_layer=E, num_speculations=d, confidence_threshold=C)
+        batch.add([Row(b, list(p), StopChecker(32), GenerationStats("self_speculative"), SamplingParams(), None)
+                   for b, p in enumerate(rows)])
+        with torch.inference_mode():
+            batch.step()
+            want = _reference_drafted(stack, rows, E, d, C * batch_module.ROW_THRESHOLD, floor)
+            differs |= {cut for cut in (C, 0.0) if _reference_drafted(stack, rows, E, d, cut, floor) != want}
+        assert [r.stats.drafted for r in batch.rows] == want, seed
+    assert differs == {C, 0.0}  # the test would notice a cut at C, or none

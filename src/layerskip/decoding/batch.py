@@ -16,11 +16,12 @@ Design: pad and mask, one cache (BASS-PAD, Qian et al. 2024).
            as requests arrive): their prompts but the last token go through the strategy's layers as one ragged
            block of their own, into cache rows appended to the batch's; each then holds one pending token, like
            every running row, so a pass is never padded to a prompt's width.
-  a round  every active row drafts up to its own k (d, fewer near its max_new_tokens, or fewer where its
-           confidence threshold stops it); each draft step is one (B, 1) pass through [0, E) for the rows still
-           drafting (the others feed padding). With a confidence threshold, drafting also ends for the whole
-           batch where the next drafts' expected accepted tokens no longer pay for the pass that would feed them
-           (`_worth_a_pass`). Then one verify pass of every row's exit hidden states through [E, L), the rows
+  a round  every active row drafts up to its own k (d, fewer near its max_new_tokens, or fewer where a draft's
+           top probability falls below ROW_THRESHOLD x the confidence threshold C: in a batch a draft costs its
+           row of a pass, not the whole pass that C weighs at batch 1); each draft step is one (B, 1) pass
+           through [0, E) for the rows still drafting (the others feed padding). With a confidence threshold,
+           drafting also ends for the whole batch where the next drafts' expected accepted tokens no longer pay
+           for the pass that would feed them (`_worth_a_pass`). Then one verify pass of every row's exit hidden states through [E, L), the rows
            packed (a row that drafted less adds no padding to the matmuls); each row accepts its own prefix and
            adds its own verifier token, and moves its own pos.
   leaving  a finished row leaves the batch at once: the cache keeps only the active rows (KVCache.keep_rows, one
@@ -269,6 +270,14 @@ def _greedy_drafts(logits: torch.Tensor, vocab: torch.Tensor | None,
 # (docs/benchmarks.md).
 PASS_COST = 1.4
 
+# A batch row's own drafting ends on a draft whose top probability is below ROW_THRESHOLD x the confidence
+# threshold C (at B = 1, below C itself). C weighs a draft against a whole pass through [0, E); in a batch the pass
+# runs while the batch's drafts pay for it (`_worth_a_pass`), so one more draft of a row costs only its row of that
+# pass and of the verify pass. Paired on HumanEval prompts 16-47 (stored E = 3, d = 8, C = 0.7, 1 thread), cuts
+# of 0.1-0.4 beat C itself at B = 2, 4 and 8; 0.25 was the best at each (1.135x against 1.061x autoregressive at
+# B = 4; docs/benchmarks.md).
+ROW_THRESHOLD = 0.35
+
 
 def _worth_a_pass(chances: list[float], rows: int, exit_share: float) -> bool:
     """Whether a batch's next greedy drafts are worth the pass that feeds them through [0, E).
@@ -339,12 +348,13 @@ def _speculative_round(stack: LayerStack, cache, rows: list[Row], E: int, d: int
     drafts, probs = [[] for _ in rows], [[] for _ in rows]
     fed = [0] * B  # drafts already through [0, E)
     drafting = [k > 0 for k in limits]
-    unsure = [False] * B  # row b's drafting ended on a draft below the confidence threshold
+    unsure = [False] * B  # row b's drafting ended on a draft below its confidence cut
     chance = [1.0] * B  # row b's estimated chance that its drafts so far are all accepted (_worth_a_pass)
+    row_cut = threshold * ROW_THRESHOLD  # a greedy row's own confidence cut in a batch (B > 1 here)
     while any(drafting):
         logits = stack.logits(current, vocab)  # (B, V')
         feed = [None] * B
-        greedy, top = _greedy_drafts(logits, vocab, threshold)  # every row's greedy draft, one sync
+        greedy, top = _greedy_drafts(logits, vocab, row_cut)  # every row's greedy draft, one sync
         sampled = {b: draft_token(logits[b:b + 1], r.params, r.generator, vocab, threshold, stack.vocab_size)
                    for b, r in enumerate(rows) if drafting[b] and r.params.do_sample}
         nxt = {b: sampled[b] if b in sampled else (greedy[b], None) for b in range(B) if drafting[b]}
