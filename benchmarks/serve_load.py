@@ -11,7 +11,7 @@ With --rounds N our servers are all up at once and each level is driven N times 
 rotated each time, so slow spells of a shared machine fall on every contender; the speedups are the medians of
 the per-round ratios.
 
-    python benchmarks/serve_load.py [--concurrency 1,4,16] [--requests 16] [--max-tokens 128] [--rounds 3]
+    python benchmarks/serve_load.py [--concurrency 1,4,16] [--requests 16] [--skip 0] [--max-tokens 128] [--rounds 3]
                                     [--json FILE]
 """
 from __future__ import annotations
@@ -132,6 +132,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--concurrency", default="1,4,16")
     p.add_argument("--requests", type=int, default=16, help="requests per concurrency level (HumanEval prompts)")
+    p.add_argument("--skip", type=int, default=0, help="HumanEval prompts left out at the start (0: prompts 0..)")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--max-batch-size", type=int, default=16)
     p.add_argument("--threads", type=int, default=None,
@@ -153,11 +154,11 @@ def main() -> None:
 
     ours_threads = args.threads or serve_threads(None, "cpu")
     tf_threads = [None] if ours_threads == torch.get_num_threads() else [None, ours_threads]  # its default, ours
-    prompts = [s.prompt for s in load_task("humaneval", limit=args.requests).samples]
+    prompts = [s.prompt for s in load_task("humaneval", limit=args.skip + args.requests).samples[args.skip:]]
     report = {"machine": f"{platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, "
                          f"server threads: {ours_threads} (ours), "
                          f"{' and '.join(str(t or torch.get_num_threads()) for t in tf_threads)} (transformers serve), fp32",
-              "setup": f"built-in model, {args.requests} HumanEval prompts per level, {args.max_tokens} new tokens, "
+              "setup": f"built-in model, {args.requests} HumanEval prompts per level ({args.skip}..{args.skip + args.requests - 1}), {args.max_tokens} new tokens, "
                        f"greedy, streaming, max batch {args.max_batch_size}",
               "by_concurrency": {}}
     runs, rounds = {}, {}
