@@ -158,7 +158,8 @@ def main() -> None:
     report = {"machine": f"{platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, "
                          f"server threads: {ours_threads} (ours), "
                          f"{' and '.join(str(t or torch.get_num_threads()) for t in tf_threads)} (transformers serve), fp32",
-              "setup": f"built-in model, {args.requests} HumanEval prompts per level ({args.skip}..{args.skip + args.requests - 1}), {args.max_tokens} new tokens, "
+              "setup": f"built-in model, {args.requests} HumanEval prompts per level "
+                       f"({args.skip}..{args.skip + args.requests - 1}), {args.max_tokens} new tokens, "
                        f"greedy, streaming, max batch {args.max_batch_size}",
               "by_concurrency": {}}
     runs, rounds = {}, {}

@@ -186,7 +186,6 @@ def test_rows_joining_a_running_batch_equal_their_batch_1_output(tiny_models, na
         assert [r.generated for r in rows if not r.params.do_sample] == alone[:3] + alone[4:]
 
 
-
 def _reference_drafted(stack, batch, E, d, cut, floor):
     """Slow reference of a batch's first-round greedy drafting: every draft from a fresh pass of its row's whole
     sequence through [0, E) (no cache). A row's drafting ends on a draft below its cut; the batch's where its

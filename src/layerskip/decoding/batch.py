@@ -21,9 +21,9 @@ Design: pad and mask, one cache (BASS-PAD, Qian et al. 2024).
            row of a pass, not the whole pass that C weighs at batch 1); each draft step is one (B, 1) pass
            through [0, E) for the rows still drafting (the others feed padding). With a confidence threshold,
            drafting also ends for the whole batch where the next drafts' expected accepted tokens no longer pay
-           for the pass that would feed them (`_worth_a_pass`). Then one verify pass of every row's exit hidden states through [E, L), the rows
-           packed (a row that drafted less adds no padding to the matmuls); each row accepts its own prefix and
-           adds its own verifier token, and moves its own pos.
+           for the pass that would feed them (`_worth_a_pass`). Then one verify pass of every row's exit hidden
+           states through [E, L), the rows packed (a row that drafted less adds no padding to the matmuls); each
+           row accepts its own prefix and adds its own verifier token, and moves its own pos.
   leaving  a finished row leaves the batch at once: the cache keeps only the active rows (KVCache.keep_rows, one
            copy of the cache per finishing round), so it stops costing matmul rows and attention. Masking it
            instead would keep paying for it every step until the longest row ends.
@@ -274,8 +274,8 @@ PASS_COST = 1.4
 # threshold C (at B = 1, below C itself). C weighs a draft against a whole pass through [0, E); in a batch the pass
 # runs while the batch's drafts pay for it (`_worth_a_pass`), so one more draft of a row costs only its row of that
 # pass and of the verify pass. Paired on HumanEval prompts 16-47 (stored E = 3, d = 8, C = 0.7, 1 thread), cuts
-# of 0.1-0.4 beat C itself at B = 2, 4 and 8; 0.25 was the best at each (1.135x against 1.061x autoregressive at
-# B = 4; docs/benchmarks.md).
+# of 0.1-0.4 beat C itself at B = 2, 4 and 8, and 0.25 (0.35 C) was the best at each (1.135x against 1.061x
+# autoregressive at B = 4; docs/benchmarks.md).
 ROW_THRESHOLD = 0.35
 
 
