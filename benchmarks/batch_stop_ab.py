@@ -34,18 +34,18 @@ def floats(text: str) -> list[float]:
     return [float(x) for x in text.split(",")]
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_batch_args(p: argparse.ArgumentParser) -> None:
+    """The flags the batch benchmarks share: the batch, the prompt set and its slice, the threads, the JSON."""
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--prompts", choices=("humaneval", "heldout"), default="humaneval")
     p.add_argument("--skip", type=int, default=0, help="prompts left out at the start of the set")
     p.add_argument("--limit", type=int, default=16, help="prompts after them")
-    p.add_argument("--factors", type=floats, default=[batch_module.PASS_COST])
-    p.add_argument("--cuts", type=floats, default=[batch_module.ROW_THRESHOLD])
-    p.add_argument("--repeats", type=int, default=4)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", default=None)
-    args = p.parse_args()
+
+
+def batch_setup(args) -> tuple:
+    """(engine, encoded prompts) for `add_batch_args`' flags: the built-in model, torch's threads set."""
     torch.set_num_threads(args.threads)
     model, tokenizer = models.load(None)
     engine = layerskip.prepare(model, tune=True)
@@ -54,7 +54,17 @@ def main() -> None:
         samples = heldout_task(args.skip, args.limit).samples
     else:
         samples = load_task("humaneval", limit=args.skip + args.limit).samples[args.skip:]
-    prompts = [tokenizer(s.prompt)["input_ids"] for s in samples]
+    return engine, [tokenizer(s.prompt)["input_ids"] for s in samples]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_batch_args(p)
+    p.add_argument("--factors", type=floats, default=[batch_module.PASS_COST])
+    p.add_argument("--cuts", type=floats, default=[batch_module.ROW_THRESHOLD])
+    p.add_argument("--repeats", type=int, default=4)
+    args = p.parse_args()
+    engine, prompts = batch_setup(args)
     B = args.batch_size
     groups = [prompts[i:i + B] for i in range(0, len(prompts), B)]
     variants = ["autoregressive"] + list(itertools.product(args.factors, args.cuts))
