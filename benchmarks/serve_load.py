@@ -6,7 +6,8 @@ the HumanEval prompts one after another. Reported per (strategy, c): total token
 run), time to first token and per-token latency (the gaps between a stream's chunks, divided by the tokens in
 the chunk) p50 / p95, lost or errored responses, and whether every text equals the other strategy's (greedy
 outputs must be identical); then the same against `transformers serve` on the same model (continuous batching,
-CPU, fp32), where it starts. Bounded: --requests per concurrency level, --max-tokens each.
+CPU, fp32), where it starts. Bounded: --requests per concurrency level, --max-tokens each. For our servers also
+the rounds each run took and the rows a round served on average (from /metrics: how full the batch was).
 With --rounds N our servers are all up at once and each level is driven N times per server, the servers' order
 rotated each time, so slow spells of a shared machine fall on every contender; the speedups are the medians of
 the per-round ratios.
@@ -114,6 +115,18 @@ def load(url: str, prompts: list[str], concurrency: int, max_tokens: int, model:
             "texts": [r.get("text") for r in results]}
 
 
+def round_rows(url: str) -> tuple[float, float]:
+    """(rows summed over rounds, rounds) so far, from our server's /metrics (the layerskip_round_batch_size
+    histogram): between two readings, the rounds run and the rows a round served on average."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(url.removesuffix("/v1") + "/metrics", timeout=10).text
+    family = next(f for f in text_string_to_metric_families(text) if f.name == "layerskip_round_batch_size")
+    got = {s.name: s.value for s in family.samples}
+    return got["layerskip_round_batch_size_sum"], got["layerskip_round_batch_size_count"]
+
+
 def median_run(rs: list[dict]) -> dict:
     """The round with the median tokens/s, with every round's tokens/s, errors summed and texts kept from every
     round (None where they differ between rounds)."""
@@ -179,10 +192,14 @@ def main() -> None:
                 for i, c in enumerate(levels):
                     shift = (rnd + i) % len(contenders)  # rotated: no contender always runs first
                     for label, _, _ in contenders[shift:] + contenders[:shift]:
+                        before = round_rows(servers[label][1])
                         r = load(servers[label][1], prompts, c, args.max_tokens)
+                        rows, n = (a - b for a, b in zip(round_rows(servers[label][1]), before))
+                        r.update(rounds=n, rows_per_round=rows / n if n else None)
                         rounds.setdefault((label, c), []).append(r)
                         print(f"round {rnd + 1} {label} c={c}: {r['tokens_per_second']:.1f} tok/s, "
-                              f"ttft p50 {r['ttft_p50_s']:.3f} s, errors {r['errors']}", flush=True)
+                              f"ttft p50 {r['ttft_p50_s']:.3f} s, {r['rows_per_round'] or 0:.2f} rows a round, "
+                              f"errors {r['errors']}", flush=True)
         finally:
             for proc, _ in servers.values():
                 proc.terminate()
