@@ -3,7 +3,8 @@
 Wraps the engine's `run` (layers [start, end) of a pass) and `logits` (a head) with timers and decodes HumanEval
 (or held-out code) prompts in batches of B, 128 new tokens, stored settings, autoregressive then self-speculative.
 A diagnostic (the wrappers' own cost is in every figure), not a speed benchmark: benchmarks/batch_stop_ab.py and
-serve_load.py give those. A pass of one new token per row ("step") is told apart from longer ones (prompts, verify passes).
+serve_load.py give those. A pass of one new token per row ("step") is told apart from longer ones (prompts,
+verify passes).
 
     python benchmarks/batch_profile.py [--prompts humaneval|heldout] [--skip 0] [--limit 16] [--batch-size 4]
         [--threads 1] [--json F]

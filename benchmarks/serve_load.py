@@ -192,9 +192,10 @@ def main() -> None:
                 for i, c in enumerate(levels):
                     shift = (rnd + i) % len(contenders)  # rotated: no contender always runs first
                     for label, _, _ in contenders[shift:] + contenders[:shift]:
-                        before = round_rows(servers[label][1])
-                        r = load(servers[label][1], prompts, c, args.max_tokens)
-                        rows, n = (a - b for a, b in zip(round_rows(servers[label][1]), before))
+                        url = servers[label][1]
+                        before = round_rows(url)
+                        r = load(url, prompts, c, args.max_tokens)
+                        rows, n = (a - b for a, b in zip(round_rows(url), before))
                         r.update(rounds=n, rows_per_round=rows / n if n else None)
                         rounds.setdefault((label, c), []).append(r)
                         print(f"round {rnd + 1} {label} c={c}: {r['tokens_per_second']:.1f} tok/s, "
