@@ -22,6 +22,7 @@ import json
 import os
 import platform
 import tempfile
+from dataclasses import replace
 
 import torch
 
@@ -53,17 +54,27 @@ def add_prompt_args(p: argparse.ArgumentParser, *, prompts: str = "heldout", lim
     threads and the JSON report."""
     p.add_argument("--model", default=None, help="a --model spec (default: the built-in model)")
     p.add_argument("--prompts", choices=("heldout", "humaneval"), default=prompts)
-    p.add_argument("--skip", type=int, default=24,
-                   help="held-out prompts left out (0..23 tuned the built-in model's stored settings)")
+    p.add_argument("--skip", type=int, default=None,
+                   help="prompts left out at the start of the set (default: 24 held-out ones, which with 0..23 "
+                        "tuned the built-in model's stored settings; no HumanEval ones)")
     p.add_argument("--limit", type=int, default=limit)
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", default=None)
 
 
+def prompt_skip(args) -> int:
+    """The prompts `add_prompt_args`' --skip leaves out: as given, else 24 held-out ones, no HumanEval ones."""
+    return args.skip if args.skip is not None else 24 if args.prompts == "heldout" else 0
+
+
 def prompt_task(args):
-    """The task `add_prompt_args`' flags name: held-out code prompts, or the first HumanEval ones."""
-    return heldout_task(args.skip, args.limit) if args.prompts == "heldout" else load_task("humaneval", limit=args.limit)
+    """The task `add_prompt_args`' flags name: held-out code prompts, or HumanEval ones, past the first --skip."""
+    skip = prompt_skip(args)
+    if args.prompts == "heldout":
+        return heldout_task(skip, args.limit)
+    task = load_task("humaneval", limit=skip + args.limit)
+    return replace(task, samples=task.samples[skip:])
 
 
 def prepared(args):
@@ -129,8 +140,8 @@ def real_model(args) -> dict:
     static = {k: v for k, v in results.items() if k not in ("autoregressive", "auto")}
     best = max(static, key=lambda k: static[k]["tokens_per_second"])
     report = {"model": args.model or "built-in", "prompts": f"{args.prompts}: {len(prompts)} prompts"
-              + (f" (held-out prompts {args.skip}..{args.skip + len(prompts) - 1}; the built-in model's stored "
-                 "settings were tuned on 0..23)" if args.prompts == "heldout" else ""),
+              + f" ({prompt_skip(args)}..{prompt_skip(args) + len(prompts) - 1}"
+              + ("; the built-in model's stored settings were tuned on 0..23)" if args.prompts == "heldout" else ")"),
               "replay_top": grid[:args.top * 2], "results": results, "best_static": best}
     return confirmed(report, engine, prompts, configs, tokenizer, stops, args.confirm)
 

@@ -24,7 +24,7 @@ import layerskip
 from layerskip.decoding import auto
 from layerskip.files import write_json
 
-from auto_speed import add_prompt_args, prepared
+from auto_speed import add_prompt_args, prepared, prompt_skip
 
 
 def valued(plan: auto.AutoPlan, B: int) -> dict[int, float]:
@@ -95,7 +95,7 @@ def main() -> None:
     print(f"mean auto / stored over {len(rows)} prompts: {mean:.3f}; {len(switches)} switches")
     if args.json:
         write_json(args.json, {"model": args.model or "built-in", "prompts": f"{args.prompts}: {len(rows)} prompts"
-                               + (f" from {args.skip}" if args.prompts == "heldout" else ""),
+                               + f" from {prompt_skip(args)}",
                                "machine": f"{platform.node()}, {os.cpu_count()} cpus, {args.threads} threads, fp32",
                                "max_new_tokens": n, "mean_auto_over_stored": mean, "per_prompt": rows,
                                "switches": switches})
