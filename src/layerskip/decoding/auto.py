@@ -61,6 +61,7 @@ HOLD_ROUNDS = 2 * MEASURED_ROUNDS  # a layer chosen on a prediction is kept unti
 REAL_ENOUGH = 8.0  # rounds (weighted) of a layer's own after which its own outcomes replace its shadow estimate
 SHADOW_ENOUGH = 6.0  # probed positions (weighted) a layer needs before a switch to it may rest on its shadows
 CARRIED = 4.0  # a new generation's carried estimates count as at most this many runs each: priors, not evidence
+PRICE_EVERY = 4  # the current layer's best round is priced again after this many rounds (at once after a capped one)
 _COST_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
@@ -233,6 +234,8 @@ class AutoPlan:
     _capped: bool = field(default=False, repr=False)  # the last round drafted to its cap, every draft accepted
     _settled: int = field(default=0, repr=False)  # no switch until after this round (back from a lost trial)
     _last_round: dict[int, int] = field(default_factory=dict, repr=False)  # E -> the last round run at E
+    _priced: tuple | None = field(default=None, repr=False)  # ((E, B), round, best_round(E, B)) of `_current`
+    _step_guess: tuple[int, float] | None = field(default=None, repr=False)  # (B, predicted step tokens/s)
     memory: dict | None = field(default=None, repr=False)  # the engine's estimates from earlier generations
     warmup: int = WARMUP_ROUNDS  # rounds that probe every candidate before any switch
 
@@ -350,11 +353,12 @@ class AutoPlan:
 
         Layers are compared by measured speed where there is one (the current layer's, or one tried lately), else
         by the cost model's prediction scaled by how the current layer's measured speed compares with its own
-        prediction. The other layers' predictions change only on probe rounds: recomputed only then, and only while
-        some layer may be switched to (none may while the stored E is held)."""
+        prediction. The other layers' predictions change only on probe rounds: recomputed only then, only while
+        some layer may be switched to (none may while the stored E is held), and only for those that may be; the
+        current layer's every PRICE_EVERY rounds (`_current`)."""
         r = self.rounds
         self.rounds += 1
-        current = self.best_round(self.exit_layer, B)
+        current = self._current(B)
         if r < self.warmup and self.start_speculations:  # nothing measured yet: the stored d, if any
             current = (current[0], min(self.start_speculations, self.max_speculations))
         if r >= self.warmup and self._retry_start(B):
@@ -362,8 +366,8 @@ class AutoPlan:
             current = self.best_round(self.start, B)
         elif r >= self.warmup and not self._on_trial(B) and self.rounds > self._settled:  # no switch on no evidence
             known = self._switchable(B)
-            if known and (self._others is None or self._others[0] != B):
-                self._others = (B, {E: self.best_round(E, B) for E in self.candidates if E != self.exit_layer})
+            if known and (self._others is None or self._others[0] != B or not self._others[1].keys() >= set(known)):
+                self._others = (B, {E: self.best_round(E, B) for E in known})
             here = self._measured(self.exit_layer, B)
             scale = here / current[0] if here else 1.0
             value = lambda E: self._measured(E, B) or self._others[1][E][0] * scale
@@ -390,6 +394,15 @@ class AutoPlan:
                       else current[1])
             return self.exit_layer, deeper, probes
         return self.exit_layer, (0 if self._step_instead(r, B, current[0]) else current[1]), ()
+
+    def _current(self, B: int) -> tuple[float, int]:
+        """best_round at the current layer for B rows, priced again only every PRICE_EVERY rounds, after a round
+        that reached its cap (its d may grow at once), or when E or B changed. One round moves the current
+        layer's estimates little, and pricing it every round was a third of what choosing cost (auto_overhead.py)."""
+        key, p = (self.exit_layer, B), self._priced
+        if p is None or p[0] != key or self.rounds - p[1] >= PRICE_EVERY or self._capped:
+            p = self._priced = (key, self.rounds, self.best_round(self.exit_layer, B))
+        return p[2]
 
     def _on_trial(self, B: int) -> bool:
         """Whether the current layer was chosen on a prediction and is not measured yet (for at most HOLD_ROUNDS
@@ -433,7 +446,9 @@ class AutoPlan:
         where both are (a step's speed is measured in a few steps tried once the warm-up is over, where the
         prediction puts it within STEP_WITHIN of the measured round, and again when that goes stale), else
         predicted against predicted."""
-        guess = B / self.costs.autoregressive(self.num_layers, B)
+        if self._step_guess is None or self._step_guess[0] != B:
+            self._step_guess = (B, B / self.costs.autoregressive(self.num_layers, B))
+        guess = self._step_guess[1]
         if B == 1:  # one row: a round's speed swings with the text, a step's does not; only the prediction decides
             return guess > predicted
         here, step = self._measured(self.exit_layer, B), self._measured(AR, B)
