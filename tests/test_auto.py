@@ -393,3 +393,29 @@ def test_back_from_a_lost_trial_it_stays_a_while():
     chosen = {r: plan_choice(plan, rounds=r) for r in range(22, 22 + auto.HOLD_ROUNDS + 4) if r % auto.PROBE_EVERY}
     assert all(E == 3 for r, E in chosen.items() if r <= 21 + auto.HOLD_ROUNDS)
     assert 2 in chosen.values()  # and then E = 2 gets its trial
+
+
+def test_the_current_layer_is_priced_again_after_price_every_rounds_and_at_once_after_a_capped_round():
+    """`choose` reuses the current layer's best round for PRICE_EVERY rounds: the d it takes is a fresh
+    best_round's again by then, and at once after a round that reached its cap (where d may grow)."""
+    plan = auto.AutoPlan(_costs(), num_layers=8, candidates=(2, 3, 5), max_speculations=8, start=3,
+                         stored_start=True)
+    plan.rounds = auto.WARMUP_ROUNDS + 1
+    for _ in range(12):
+        plan.accepted[3].add([True] * 4 + [False])  # runs of four: d = 4 or so
+    fresh = lambda: plan.best_round(3, 1)[1]
+    _, before, _ = plan.choose(1)
+    assert before == fresh()
+    for _ in range(40):
+        plan.accepted[3].add([True, False])  # its drafts now fail at the second: the best d falls...
+    assert fresh() < before
+    for _ in range(auto.PRICE_EVERY - 1):
+        plan.rounds += plan.rounds % auto.PROBE_EVERY == 0  # probe rounds draft another length
+        assert plan.choose(1)[1] == before  # ...within PRICE_EVERY rounds, the last price stands
+    plan.rounds += plan.rounds % auto.PROBE_EVERY == 0
+    assert plan.choose(1)[1] == fresh()  # then priced again
+    for _ in range(40):
+        plan.accepted[3].add([True] * 8)  # every draft accepted: the best d grows
+    plan.observe_round(3, types.SimpleNamespace(accepted=8, drafted=8, unsure=False, shadow={}))
+    plan.rounds += plan.rounds % auto.PROBE_EVERY == 0
+    assert plan.choose(1)[1] == fresh() == 8  # priced at once after the capped round
