@@ -21,6 +21,7 @@ import time
 import layerskip
 from layerskip.decoding import auto, self_speculative
 from layerskip.files import write_json
+from layerskip.runtime import cpu_name
 
 from auto_speed import add_prompt_args, prepared
 
@@ -69,7 +70,7 @@ def main() -> None:
                     "us_per_round": 1e6 * spent[name] / max(rounds, 1),
                     "share_of_decode": spent[name] / decode_s} for name in (*PARTS, "shadow_outcomes")}
     report = {"model": args.model or "built-in", "prompts": f"{args.prompts}: {len(prompts)} prompts",
-              "machine": f"{platform.node()}, {os.cpu_count()} cpus, {args.threads} threads, fp32",
+              "machine": f"{platform.node()} {cpu_name()}, {os.cpu_count()} cpus, {args.threads} threads, fp32",
               "max_new_tokens": n, "decode_seconds": decode_s, "rounds": rounds, "tokens": tokens,
               "parts": parts}
     for name, v in parts.items():

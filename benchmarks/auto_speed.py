@@ -32,6 +32,7 @@ from layerskip.decoding.config import model_defaults
 from layerskip.evaluation.bench import encode_prompt
 from layerskip.evaluation.tasks import load_task
 from layerskip.files import write_json
+from layerskip.runtime import cpu_name
 
 
 def heldout_task(skip: int, limit: int, shape: str = "def"):
@@ -202,7 +203,7 @@ def main() -> None:
                    help="report the ratios from a second timed pass, not the one that chose the best cell")
     args = p.parse_args()
     report = synthetic(args) if args.synthetic else real_model(args)
-    report["machine"] = (f"{platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, "
+    report["machine"] = (f"{platform.node()} {cpu_name()}, {os.cpu_count()} cpus, "
                          f"{args.threads} threads, fp32")
     report["max_new_tokens"] = args.max_new_tokens
     for prefix, results in (("", report["results"]), ("confirmation: ", report.get("confirmation", {}))):

@@ -23,6 +23,7 @@ import statistics
 import layerskip
 from layerskip.decoding import auto
 from layerskip.files import write_json
+from layerskip.runtime import cpu_name
 
 from auto_speed import add_prompt_args, prepared, prompt_skip
 
@@ -96,7 +97,7 @@ def main() -> None:
     if args.json:
         write_json(args.json, {"model": args.model or "built-in", "prompts": f"{args.prompts}: {len(rows)} prompts"
                                + f" from {prompt_skip(args)}",
-                               "machine": f"{platform.node()}, {os.cpu_count()} cpus, {args.threads} threads, fp32",
+                               "machine": f"{platform.node()} {cpu_name()}, {os.cpu_count()} cpus, {args.threads} threads, fp32",
                                "max_new_tokens": n, "mean_auto_over_stored": mean, "per_prompt": rows,
                                "switches": switches})
 

@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 
 import torch
 
 from layerskip.evaluation.cost_model import expected_tokens_per_round, measure_step_times
+from layerskip.runtime import cpu_name
 from layerskip.testing import make_random_model
 
 # name: (layers, width, MLP width, query heads, key-value heads); all with the built-in model's vocab 4096, tied
@@ -76,7 +76,7 @@ def main() -> None:
                   + " ".join(f"{s:.2f}x" for s in row["speedup_at"].values()), flush=True)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(machine=platform.processor() or platform.machine(), threads=args.threads,
+            json.dump(dict(machine=cpu_name(), threads=args.threads,
                            target=args.target, torch=torch.__version__, rows=rows), f, indent=1)
 
 

@@ -42,6 +42,7 @@ import layerskip
 from layerskip.decoding import static
 from layerskip.decoding.api import attention_backends, new_row
 from layerskip.decoding.config import DecodeConfig
+from layerskip.runtime import cpu_name
 from layerskip.testing import make_exact_from, make_random_model
 
 RESERVE_S = 120  # budget kept for the timed repetitions: no contender is prepared with less left
@@ -240,7 +241,7 @@ def main() -> int:
     if torch.device(args.device).type != "cuda" and "graphs" in modes:
         modes.remove("graphs")  # graphs without a GPU are the eager path
     report = {
-        "machine": f"{platform.node()}, torch {torch.__version__}, {args.device}"
+        "machine": f"{platform.node()} {cpu_name()}, torch {torch.__version__}, {args.device}"
                    + (f" ({torch.cuda.get_device_name()})" if torch.device(args.device).type == "cuda" else "")
                    + f", {args.dtype}, {torch.get_num_threads()} threads",
         "setup": f"{args.shape}-shaped Llama {SHAPES[args.shape]}, exact drafts at E={args.exit_layer}, batch 1, "

@@ -29,6 +29,7 @@ import torch
 
 import layerskip
 from layerskip.evaluation.cost_model import measure_step_times, predicted_speedup
+from layerskip.runtime import cpu_name
 from layerskip.testing import make_exact_from, make_random_model
 
 
@@ -160,7 +161,7 @@ def main() -> None:
     predicted = predicted_speedup(steps, n_bar, d)
     measured = med["ours_autoregressive"] / med["ours_self_speculative"]
     report = {
-        "machine": f"{platform.node()} {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+        "machine": f"{platform.node()} {cpu_name()}, torch {torch.__version__}, "
                    f"{args.threads} threads, {args.device}, {args.dtype}",
         "matmul_kernels": list(engine.kernels),
         "setup": f"16x768 Llama, vocab 32000, exact draft at E={E}, d={d}, prompt {args.prompt_len}, {n} new tokens",

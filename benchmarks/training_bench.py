@@ -36,6 +36,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from layerskip.runtime import cpu_name
 from layerskip.testing import make_random_model
 from layerskip.training.curriculum import Curriculum
 from layerskip.training.layer_dropout import LayerDropout
@@ -166,13 +167,7 @@ def shape_argv(args) -> list[str]:
 
 
 def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+    return {"cpu": cpu_name(), "cores": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
             "python": platform.python_version(), "load_average": os.getloadavg()}
 
 

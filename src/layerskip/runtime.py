@@ -1,7 +1,8 @@
-"""Process-wide runtime settings, each set in one place: torch's CPU thread count and the device clock; and the
-interleaved timing that the cost models share."""
+"""Process-wide runtime settings, each set in one place: torch's CPU thread count and the device clock; the
+interleaved timing that the cost models share; and the CPU's name, which every benchmark report records."""
 from __future__ import annotations
 
+import platform
 import statistics
 import time
 
@@ -17,6 +18,20 @@ def set_threads(threads: int | None) -> None:
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise LayerSkipError(f"--threads must be an integer >= 1, got {threads}")
     torch.set_num_threads(threads)
+
+
+def cpu_name() -> str:
+    """The CPU's model name ("Intel(R) Xeon(R) Processor @ 2.80GHz", from /proc/cpuinfo on Linux), else what
+    `platform` knows ("x86_64"). Shared VMs of one name differ by CPU from one day to the next, and batched and
+    served figures with them (docs/benchmarks.md): a report that names only the architecture cannot be compared."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def clock(device: torch.device | str) -> float:

@@ -38,7 +38,7 @@ from layerskip.evaluation import cost_model
 from layerskip.evaluation.metrics import repetition
 from layerskip.evaluation.tasks import Sample, Task
 from layerskip.kernels import TUNE_ROWS
-from layerskip.runtime import clock
+from layerskip.runtime import clock, cpu_name
 
 OURS = ("autoregressive", "early_exit", "self_speculative")
 SELF_TUNING = "self_speculative_auto"  # self-speculative with exit_layer="auto", beside the fixed-E one
@@ -470,7 +470,7 @@ def machine_info(engine) -> dict:
 
     model = engine.model
     info = {
-        "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+        "platform": platform.platform(), "processor": cpu_name(),
         "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "device": str(model.device), "dtype": str(model.dtype).replace("torch.", ""),
         "torch": torch.__version__, "transformers": transformers.__version__,
