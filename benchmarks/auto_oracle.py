@@ -13,8 +13,6 @@ threshold (what auto chooses). Predictions, not timings.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 
 from tqdm import tqdm
 
@@ -23,7 +21,7 @@ from layerskip.decoding.config import DecodeConfig, model_defaults
 from layerskip.evaluation.cost_model import measure_step_times
 from layerskip.evaluation.replay import decode_and_trace, predicted_speedup, replay_rounds
 from layerskip.files import write_json
-from layerskip.runtime import cpu_name
+from layerskip.runtime import machine_name
 
 from auto_speed import add_prompt_args, prepared
 
@@ -65,7 +63,7 @@ def main() -> None:
     own_e_d, oracle_e_d = per_prompt_oracle(cells, fixed_c, len(traces), ar)
     name = lambda cell: f"E{cell[0]}_d{cell[1]}_C{cell[2]:g}"
     report = {"model": args.model or "built-in", "prompts": f"{args.prompts}: {len(traces)} prompts",
-              "machine": f"{platform.node()} {cpu_name()}, {os.cpu_count()} cpus, {args.threads} threads, fp32",
+              "machine": f"{machine_name()}, {args.threads} threads, fp32",
               "max_new_tokens": n, "best_cell": name(best), "best_speedup": speedup[best],
               "stored_cell": name(key) if key in speedup else None, "stored_speedup": speedup.get(key),
               "oracle_speedup": oracle, "oracle_over_best": oracle / speedup[best],

@@ -14,14 +14,12 @@ from __future__ import annotations
 import argparse
 import collections
 import functools
-import os
-import platform
 import time
 
 import layerskip
 from layerskip.decoding import auto, self_speculative
 from layerskip.files import write_json
-from layerskip.runtime import cpu_name
+from layerskip.runtime import machine_name
 
 from auto_speed import add_prompt_args, prepared
 
@@ -70,7 +68,7 @@ def main() -> None:
                     "us_per_round": 1e6 * spent[name] / max(rounds, 1),
                     "share_of_decode": spent[name] / decode_s} for name in (*PARTS, "shadow_outcomes")}
     report = {"model": args.model or "built-in", "prompts": f"{args.prompts}: {len(prompts)} prompts",
-              "machine": f"{platform.node()} {cpu_name()}, {os.cpu_count()} cpus, {args.threads} threads, fp32",
+              "machine": f"{machine_name()}, {args.threads} threads, fp32",
               "max_new_tokens": n, "decode_seconds": decode_s, "rounds": rounds, "tokens": tokens,
               "parts": parts}
     for name, v in parts.items():

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import tempfile
 from dataclasses import replace
 
@@ -32,7 +31,7 @@ from layerskip.decoding.config import model_defaults
 from layerskip.evaluation.bench import encode_prompt
 from layerskip.evaluation.tasks import load_task
 from layerskip.files import write_json
-from layerskip.runtime import cpu_name
+from layerskip.runtime import machine_name
 
 
 def heldout_task(skip: int, limit: int, shape: str = "def"):
@@ -203,7 +202,7 @@ def main() -> None:
                    help="report the ratios from a second timed pass, not the one that chose the best cell")
     args = p.parse_args()
     report = synthetic(args) if args.synthetic else real_model(args)
-    report["machine"] = (f"{platform.node()} {cpu_name()}, {os.cpu_count()} cpus, "
+    report["machine"] = (f"{machine_name()}, "
                          f"{args.threads} threads, fp32")
     report["max_new_tokens"] = args.max_new_tokens
     for prefix, results in (("", report["results"]), ("confirmation: ", report.get("confirmation", {}))):

@@ -16,14 +16,12 @@ from __future__ import annotations
 
 import argparse
 import collections
-import os
-import platform
 import statistics
 
 import layerskip
 from layerskip.decoding import auto
 from layerskip.files import write_json
-from layerskip.runtime import cpu_name
+from layerskip.runtime import machine_name
 
 from auto_speed import add_prompt_args, prepared, prompt_skip
 
@@ -97,7 +95,7 @@ def main() -> None:
     if args.json:
         write_json(args.json, {"model": args.model or "built-in", "prompts": f"{args.prompts}: {len(rows)} prompts"
                                + f" from {prompt_skip(args)}",
-                               "machine": f"{platform.node()} {cpu_name()}, {os.cpu_count()} cpus, {args.threads} threads, fp32",
+                               "machine": f"{machine_name()}, {args.threads} threads, fp32",
                                "max_new_tokens": n, "mean_auto_over_stored": mean, "per_prompt": rows,
                                "switches": switches})
 

@@ -9,15 +9,13 @@ interleaved per prompt, the order rotating. Reported: tokens/s of each, and whet
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 
 import torch
 
 import layerskip
 from layerskip.evaluation.bench import encode_prompt
 from layerskip.files import write_json
-from layerskip.runtime import cpu_name
+from layerskip.runtime import machine_name
 
 from auto_speed import heldout_task
 
@@ -44,7 +42,7 @@ def main() -> None:
             if i:
                 runs[(strategy, batched)].append(out[0] if batched else out)
     report = {"model": "built-in", "prompts": f"held-out prompts {args.skip}..{args.skip + len(prompts) - 1}",
-              "machine": f"{platform.node()} {cpu_name()}, {os.cpu_count()} cpus, {args.threads} threads, fp32",
+              "machine": f"{machine_name()}, {args.threads} threads, fp32",
               "max_new_tokens": n, "results": {}}
     reference = [r.token_ids for r in runs[("autoregressive", 0)]]
     for (strategy, batched), rs in runs.items():

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import time
 
@@ -24,7 +22,7 @@ import torch
 import layerskip
 from layerskip.evaluation.cost_model import measure_batch_step_times
 from layerskip.files import write_json
-from layerskip.runtime import cpu_name
+from layerskip.runtime import machine_name
 from layerskip.testing import make_exact_from, make_random_model
 
 
@@ -62,7 +60,7 @@ def main() -> None:
     model = build_model(E)
     engine = layerskip.prepare(model, tune=True)
     gen = torch.Generator().manual_seed(1)
-    report = {"machine": f"{platform.node()} {cpu_name()}, {os.cpu_count()} cpus, "
+    report = {"machine": f"{machine_name()}, "
                          f"torch {torch.__version__}, {args.threads} threads, fp32",
               "setup": f"16x768 Llama, vocab 32000, exact draft at E={E}, prompts 48-64 tokens, {n} new tokens",
               "matmul_kernels": list(engine.kernels), "by_batch_size": {}}

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import os
-import platform
 import re
 import statistics
 import subprocess
@@ -33,7 +32,7 @@ import torch
 
 from layerskip.evaluation.tasks import load_task
 from layerskip.files import write_json
-from layerskip.runtime import cpu_name
+from layerskip.runtime import machine_name
 
 MODEL = "layerskip-default"
 
@@ -169,7 +168,7 @@ def main() -> None:
     ours_threads = args.threads or serve_threads(None, "cpu")
     tf_threads = [None] if ours_threads == torch.get_num_threads() else [None, ours_threads]  # its default, ours
     prompts = [s.prompt for s in load_task("humaneval", limit=args.skip + args.requests).samples[args.skip:]]
-    report = {"machine": f"{platform.node()} {cpu_name()}, {os.cpu_count()} cpus, "
+    report = {"machine": f"{machine_name()}, "
                          f"server threads: {ours_threads} (ours), "
                          f"{' and '.join(str(t or torch.get_num_threads()) for t in tf_threads)} (transformers serve), fp32",
               "setup": f"built-in model, {args.requests} HumanEval prompts per level "

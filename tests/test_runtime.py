@@ -22,3 +22,7 @@ def test_cpu_name_falls_back_to_platform_without_proc_cpuinfo(monkeypatch):
     monkeypatch.setitem(runtime.__dict__, "open", missing)
     assert runtime.cpu_name() == (platform.processor() or platform.machine())
     assert runtime.cpu_name()
+
+
+def test_machine_name_names_the_host_the_cpu_and_its_count():
+    assert runtime.machine_name() == f"{platform.node()} {runtime.cpu_name()}, {os.cpu_count()} cpus"

@@ -2,6 +2,7 @@
 interleaved timing that the cost models share; and the CPU's name, which every benchmark report records."""
 from __future__ import annotations
 
+import os
 import platform
 import statistics
 import time
@@ -32,6 +33,11 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def machine_name() -> str:
+    """'<host> <CPU model>, <N> cpus': how the benchmarks' reports name the machine they ran on."""
+    return f"{platform.node()} {cpu_name()}, {os.cpu_count()} cpus"
 
 
 def clock(device: torch.device | str) -> float:
