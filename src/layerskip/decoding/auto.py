@@ -52,6 +52,7 @@ PROBE_DEPTH = 2  # a probe round after a capped round drafts up to this many tim
 WARMUP_ROUNDS = 3
 DECAY = 0.98  # per observed token: estimates weigh the last ~1 / (1 - DECAY) tokens
 SWITCH_GAIN = 1.10  # change E only when another E's best round is predicted this much faster
+MEASURED_GAIN = 1.0  # ... or when another E was measured this much faster lately
 SPEED_DECAY = 0.8  # per round: measured speeds weigh the last ~5 rounds
 AR = 0  # the key of autoregressive steps among measured speeds
 STEP_WITHIN = 1.3  # try steps (to measure them) where the cost model puts them within 30% of the measured round
@@ -373,7 +374,7 @@ class AutoPlan:
             value = lambda E: self._measured(E, B) or self._others[1][E][0] * scale
             best = max(known, key=value, default=None)
             # a prediction must beat the current layer clearly; a layer measured faster lately wins outright
-            gain = 1.0 if here and best is not None and self._measured(best, B) else SWITCH_GAIN
+            gain = MEASURED_GAIN if here and best is not None and self._measured(best, B) else SWITCH_GAIN
             if best is not None and value(best) > (here or current[0]) * gain:
                 if self._measured(best, B) is None:
                     self._trial = (best, self.rounds)

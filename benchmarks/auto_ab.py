@@ -1,0 +1,130 @@
+"""exit_layer="auto" against the model's stored settings, paired per prompt and repeated: a ratio with its spread.
+
+auto_speed.py times each contender once per prompt after a sweep, so one of its figures moves by a few percent from
+run to run. This benchmark times only autoregressive decoding, the stored settings and `auto` (and, with --variants,
+auto with one of its rules changed), each prompt by all of them one after another (the order rotating with the
+prompt and the repetition), `--repeats` times over the set. Reported: each one's tokens/s over the stored settings'
+(total tokens over total seconds), with a 90% interval from resampling the prompts (bootstrap, 2000 draws, the
+repetitions of a prompt kept together), and auto's per-prompt ratios per repetition. auto's carried estimates are
+dropped before each repetition, so every repetition is a cold start over the set; each variant carries its own.
+Every output must equal autoregressive decoding.
+
+Variants (experiments, not shipped):
+  pinned  auto never leaves the model's stored E: it chooses d alone
+  gain    a switch to a layer measured faster lately needs SWITCH_GAIN too (shipped: MEASURED_GAIN = 1.0)
+
+    python benchmarks/auto_ab.py [--model M] [--prompts heldout|humaneval] [--skip S] [--limit 32] [--repeats 3]
+        [--variants pinned,gain] [--json FILE]
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import random
+
+import layerskip
+from layerskip.decoding import auto
+from layerskip.files import write_json
+from layerskip.runtime import machine_name
+
+from auto_speed import add_prompt_args, prepared, prompt_skip
+
+
+def _pinned(shipped):
+    return lambda plan, B: [] if plan.stored_start else shipped(plan, B)
+
+
+VARIANTS = {"pinned": (auto.AutoPlan, "_switchable", lambda: _pinned(auto.AutoPlan._switchable)),
+            "gain": (auto, "MEASURED_GAIN", lambda: auto.SWITCH_GAIN)}
+
+
+@contextlib.contextmanager
+def variant(name: str):
+    """auto with variant `name`'s rule in place of the shipped one (no change for the others)."""
+    if name not in VARIANTS:
+        yield
+        return
+    owner, attr, make = VARIANTS[name]
+    shipped = getattr(owner, attr)
+    setattr(owner, attr, make())
+    try:
+        yield
+    finally:
+        setattr(owner, attr, shipped)
+
+
+def ratio_interval(tokens: list, seconds: dict, a: str, b: str, draws: int = 2000, seed: int = 0) -> tuple:
+    """(ratio, 5th, 95th percentile) of a's tokens/s over b's, summed over prompts; the interval resamples prompts."""
+    def ratio(idx):
+        return sum(seconds[b][i] for i in idx) / sum(seconds[a][i] for i in idx)
+
+    n, rng = len(tokens), random.Random(seed)
+    boot = sorted(ratio([rng.randrange(n) for _ in range(n)]) for _ in range(draws))
+    return ratio(range(n)), boot[int(0.05 * draws)], boot[int(0.95 * draws) - 1]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_prompt_args(p, limit=32)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--variants", type=lambda t: [v for v in t.split(",") if v], default=[],
+                   help=f"auto variants to time beside it: {', '.join(VARIANTS)}")
+    args = p.parse_args()
+    if set(args.variants) - set(VARIANTS):
+        p.error(f"unknown variant(s) {', '.join(sorted(set(args.variants) - set(VARIANTS)))}; "
+                f"choose from {', '.join(VARIANTS)}")
+    model, tokenizer, engine, task, prompts = prepared(args)
+    n = args.max_new_tokens
+    autos = ["auto"] + args.variants
+    names = ["autoregressive", "stored"] + autos
+    configs = {"autoregressive": dict(max_new_tokens=n), "stored": dict(strategy="self_speculative", max_new_tokens=n),
+               **{a: dict(strategy="self_speculative", exit_layer="auto", max_new_tokens=n) for a in autos}}
+    memories = {a: {} for a in autos}  # each auto its own carried estimates
+
+    def run(name, ids, stop, **extra):
+        if name in memories:
+            engine.auto_memory = memories[name]
+        with variant(name):
+            return layerskip.generate(engine, ids, tokenizer=tokenizer, stop_strings=stop,
+                                      **{**configs[name], **extra})
+
+    stops = [tuple(s.stop_strings) for s in task.samples]
+    for name in names:  # warm-up: kernels, auto's cost table
+        run(name, prompts[0], (), max_new_tokens=16)
+    seconds = {name: [0.0] * len(prompts) for name in names}
+    tokens, identical, per_repeat, rounds = [0] * len(prompts), True, [], ([], [])
+    for rep in range(args.repeats):
+        for m in memories.values():
+            m.clear()
+        per_repeat.append([])
+        for i, ids in enumerate(prompts):
+            shift = (i + rep) % len(names)
+            out = {name: run(name, ids, stops[i]) for name in names[shift:] + names[:shift]}
+            for name, r in out.items():
+                seconds[name][i] += r.stats.total_s
+            tokens[i] += out["autoregressive"].stats.num_new_tokens
+            identical &= all(r.token_ids == out["autoregressive"].token_ids for r in out.values())
+            per_repeat[-1].append(out["stored"].stats.total_s / out["auto"].stats.total_s)
+            rounds[0].extend(out["auto"].stats.exit_layer_per_round)
+            rounds[1].extend(out["auto"].stats.speculations_per_round)
+        print(f"repetition {rep + 1}/{args.repeats}: auto / stored so far "
+              f"{ratio_interval(tokens, seconds, 'auto', 'stored')[0]:.3f}", flush=True)
+    ratios = {}
+    for a, b in [(x, "stored") for x in ["autoregressive"] + autos] + [(v, "auto") for v in args.variants]:
+        r, lo, hi = ratio_interval(tokens, seconds, a, b)
+        ratios[f"{a}/{b}"] = {"ratio": r, "p5": lo, "p95": hi}
+        print(f"{a} / {b}: {r:.3f}  (90% interval {lo:.3f}-{hi:.3f})")
+    skip = prompt_skip(args)
+    report = {"model": args.model or "built-in", "prompts": f"{args.prompts}: {len(prompts)} prompts "
+              f"({skip}..{skip + len(prompts) - 1})", "repeats": args.repeats, "variants": args.variants,
+              "ratios": ratios, "tokens_per_second": {name: sum(tokens) / sum(seconds[name]) for name in names},
+              "per_prompt_auto_over_stored": per_repeat, "auto_choices": auto.summary(*rounds),
+              "identical_to_autoregressive": identical,
+              "machine": f"{machine_name()}, {args.threads} threads, fp32", "max_new_tokens": n}
+    print(f"identical to autoregressive: {identical}; auto chose {report['auto_choices']}")
+    if args.json:
+        write_json(args.json, report)
+
+
+if __name__ == "__main__":
+    main()
