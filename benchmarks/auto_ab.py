@@ -10,8 +10,10 @@ dropped before each repetition, so every repetition is a cold start over the set
 Every output must equal autoregressive decoding.
 
 Variants (experiments, not shipped):
-  pinned  auto never leaves the model's stored E: it chooses d alone
-  gain    a switch to a layer measured faster lately needs SWITCH_GAIN too (shipped: MEASURED_GAIN = 1.0)
+  pinned    auto never leaves the model's stored E: it chooses d alone
+  gain      a switch to a layer measured faster lately needs SWITCH_GAIN too (shipped: MEASURED_GAIN = 1.0)
+  modelled  a round's "measured" speed is its tokens over the cost model's seconds for the drafts it made, not the
+            clock's (batch 1 only): the machine's slow spells no longer steer the choice
 
     python benchmarks/auto_ab.py [--model M] [--prompts heldout|humaneval] [--skip S] [--limit 32] [--repeats 3]
         [--variants pinned,gain] [--json FILE]
@@ -34,23 +36,51 @@ def _pinned(shipped):
     return lambda plan, B: [] if plan.stored_start else shipped(plan, B)
 
 
-VARIANTS = {"pinned": (auto.AutoPlan, "_switchable", lambda: _pinned(auto.AutoPlan._switchable)),
-            "gain": (auto, "MEASURED_GAIN", lambda: auto.SWITCH_GAIN)}
+def _modelled_seconds(plan, E: int, B: int, r) -> float:
+    """What the cost model says a round of B rows at E that drafted r.drafted (an AR step: E = AR) costs."""
+    c, L = plan.costs, plan.num_layers
+    if E == auto.AR:
+        return c.autoregressive(L, B)
+    k = r.drafted
+    return ((k + 1) * (c.fixed + E * c.at_layer(B)) + (k + r.unsure) * c.at_draft_head(B) + c.fixed
+            + (L - E) * c.at_layer(B * (k + 1)) + c.at_head(B * (k + 1)))
+
+
+def _modelled(shipped_speed, shipped_round):
+    """observe_speed / observe_round with the round's seconds from the cost model, not the clock (batch 1)."""
+    def speed(plan, E, B, tokens, seconds):
+        plan._pending_speed = (E, B, tokens)
+
+    def round_(plan, E, r):
+        e, B, tokens = plan.__dict__.pop("_pending_speed", (None, 1, 0))
+        if e is not None:
+            shipped_speed(plan, e, B, tokens, _modelled_seconds(plan, e, B, r))
+        shipped_round(plan, E, r)
+    return speed, round_
+
+
+VARIANTS = {"pinned": [(auto.AutoPlan, "_switchable", lambda: _pinned(auto.AutoPlan._switchable))],
+            "gain": [(auto, "MEASURED_GAIN", lambda: auto.SWITCH_GAIN)],
+            "modelled": [(auto.AutoPlan, ("observe_speed", "observe_round"),
+                          lambda: _modelled(auto.AutoPlan.observe_speed, auto.AutoPlan.observe_round))]}
 
 
 @contextlib.contextmanager
 def variant(name: str):
-    """auto with variant `name`'s rule in place of the shipped one (no change for the others)."""
-    if name not in VARIANTS:
-        yield
-        return
-    owner, attr, make = VARIANTS[name]
-    shipped = getattr(owner, attr)
-    setattr(owner, attr, make())
+    """auto with variant `name`'s rules in place of the shipped ones (no change for the others)."""
+    saved = []
+    for owner, attrs, make in VARIANTS.get(name, []):
+        attrs = attrs if isinstance(attrs, tuple) else (attrs,)
+        values = make()
+        values = values if isinstance(values, tuple) else (values,)
+        for attr, value in zip(attrs, values):
+            saved.append((owner, attr, getattr(owner, attr)))
+            setattr(owner, attr, value)
     try:
         yield
     finally:
-        setattr(owner, attr, shipped)
+        for owner, attr, value in reversed(saved):
+            setattr(owner, attr, value)
 
 
 def ratio_interval(tokens: list, seconds: dict, a: str, b: str, draws: int = 2000, seed: int = 0) -> tuple:
