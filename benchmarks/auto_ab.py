@@ -83,12 +83,14 @@ def variant(name: str):
             setattr(owner, attr, value)
 
 
-def ratio_interval(tokens: list, seconds: dict, a: str, b: str, draws: int = 2000, seed: int = 0) -> tuple:
-    """(ratio, 5th, 95th percentile) of a's tokens/s over b's, summed over prompts; the interval resamples prompts."""
+def ratio_interval(seconds: dict, a: str, b: str, draws: int = 2000, seed: int = 0) -> tuple:
+    """(ratio, 5th, 95th percentile) of a's tokens/s over b's, summed over prompts (seconds[name][prompt]; the
+    outputs are identical, so the tokens are too and the ratio is b's seconds over a's); the interval resamples
+    prompts."""
     def ratio(idx):
         return sum(seconds[b][i] for i in idx) / sum(seconds[a][i] for i in idx)
 
-    n, rng = len(tokens), random.Random(seed)
+    n, rng = len(seconds[a]), random.Random(seed)
     boot = sorted(ratio([rng.randrange(n) for _ in range(n)]) for _ in range(draws))
     return ratio(range(n)), boot[int(0.05 * draws)], boot[int(0.95 * draws) - 1]
 
@@ -138,10 +140,10 @@ def main() -> None:
             rounds[0].extend(out["auto"].stats.exit_layer_per_round)
             rounds[1].extend(out["auto"].stats.speculations_per_round)
         print(f"repetition {rep + 1}/{args.repeats}: auto / stored so far "
-              f"{ratio_interval(tokens, seconds, 'auto', 'stored')[0]:.3f}", flush=True)
+              f"{ratio_interval(seconds, 'auto', 'stored')[0]:.3f}", flush=True)
     ratios = {}
     for a, b in [(x, "stored") for x in ["autoregressive"] + autos] + [(v, "auto") for v in args.variants]:
-        r, lo, hi = ratio_interval(tokens, seconds, a, b)
+        r, lo, hi = ratio_interval(seconds, a, b)
         ratios[f"{a}/{b}"] = {"ratio": r, "p5": lo, "p95": hi}
         print(f"{a} / {b}: {r:.3f}  (90% interval {lo:.3f}-{hi:.3f})")
     skip = prompt_skip(args)

@@ -32,4 +32,4 @@ for rep in range(args.repeats):
             r = run(name, ids, stops[i]); seconds[name][i] += r.stats.total_s
             if name == "stored": tokens[i] += r.stats.num_new_tokens
 for k in tables:
-    print(k, "/ stored %.3f (%.3f-%.3f)" % ratio_interval(tokens, seconds, k, "stored"))
+    print(k, "/ stored %.3f (%.3f-%.3f)" % ratio_interval(seconds, k, "stored"))
