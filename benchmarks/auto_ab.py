@@ -46,8 +46,11 @@ def _modelled_seconds(plan, E: int, B: int, r) -> float:
             + (L - E) * c.at_layer(B * (k + 1)) + c.at_head(B * (k + 1)))
 
 
-def _modelled(shipped_speed, shipped_round):
-    """observe_speed / observe_round with the round's seconds from the cost model, not the clock (batch 1)."""
+def _modelled():
+    """observe_speed / observe_round patches: the round's seconds from the cost model, not the clock (batch 1, where
+    observe_speed comes just before observe_round)."""
+    shipped_speed, shipped_round = auto.AutoPlan.observe_speed, auto.AutoPlan.observe_round
+
     def speed(plan, E, B, tokens, seconds):
         plan._pending_speed = (E, B, tokens)
 
@@ -56,30 +59,26 @@ def _modelled(shipped_speed, shipped_round):
         if e is not None:
             shipped_speed(plan, e, B, tokens, _modelled_seconds(plan, e, B, r))
         shipped_round(plan, E, r)
-    return speed, round_
+    return [(auto.AutoPlan, "observe_speed", speed), (auto.AutoPlan, "observe_round", round_)]
 
 
-VARIANTS = {"pinned": [(auto.AutoPlan, "_switchable", lambda: _pinned(auto.AutoPlan._switchable))],
-            "gain": [(auto, "MEASURED_GAIN", lambda: auto.SWITCH_GAIN)],
-            "modelled": [(auto.AutoPlan, ("observe_speed", "observe_round"),
-                          lambda: _modelled(auto.AutoPlan.observe_speed, auto.AutoPlan.observe_round))]}
+# name -> () -> [(owner, attribute, value in place of the shipped one)]
+VARIANTS = {"pinned": lambda: [(auto.AutoPlan, "_switchable", _pinned(auto.AutoPlan._switchable))],
+            "gain": lambda: [(auto, "MEASURED_GAIN", auto.SWITCH_GAIN)],
+            "modelled": _modelled}
 
 
 @contextlib.contextmanager
 def variant(name: str):
     """auto with variant `name`'s rules in place of the shipped ones (no change for the others)."""
-    saved = []
-    for owner, attrs, make in VARIANTS.get(name, []):
-        attrs = attrs if isinstance(attrs, tuple) else (attrs,)
-        values = make()
-        values = values if isinstance(values, tuple) else (values,)
-        for attr, value in zip(attrs, values):
-            saved.append((owner, attr, getattr(owner, attr)))
-            setattr(owner, attr, value)
+    patches = VARIANTS[name]() if name in VARIANTS else []
+    saved = [(owner, attr, getattr(owner, attr)) for owner, attr, _ in patches]
+    for owner, attr, value in patches:
+        setattr(owner, attr, value)
     try:
         yield
     finally:
-        for owner, attr, value in reversed(saved):
+        for owner, attr, value in saved:
             setattr(owner, attr, value)
 
 

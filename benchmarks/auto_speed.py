@@ -204,8 +204,7 @@ def main() -> None:
                    help="report the ratios from a second timed pass, not the one that chose the best cell")
     args = p.parse_args()
     report = synthetic(args) if args.synthetic else real_model(args)
-    report["machine"] = (f"{machine_name()}, "
-                         f"{args.threads} threads, fp32")
+    report["machine"] = f"{machine_name()}, {args.threads} threads, fp32"
     report["max_new_tokens"] = args.max_new_tokens
     for prefix, results in (("", report["results"]), ("confirmation: ", report.get("confirmation", {}))):
         for name, r in results.items():
