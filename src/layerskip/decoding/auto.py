@@ -36,7 +36,9 @@ choice depends only on what earlier rounds verified).
 """
 from __future__ import annotations
 
+import bisect
 import collections
+import functools
 import statistics
 from dataclasses import dataclass, field
 
@@ -86,13 +88,18 @@ class StepCosts:
 
     def _at(self, table: tuple[float, ...], r: float) -> float:
         rows = self.rows
-        if r <= rows[0]:
+        if r <= rows[0] or len(rows) == 1:
             return table[0]
-        for i in range(1, len(rows)):
-            if r <= rows[i] or i == len(rows) - 1:
-                lo, hi = rows[i - 1], rows[i]
-                return table[i - 1] + (r - lo) * (table[i] - table[i - 1]) / (hi - lo)
-        return table[-1]
+        i = min(bisect.bisect_left(rows, r), len(rows) - 1)  # rows[i - 1] < r <= rows[i], or past the last
+        lo, hi = rows[i - 1], rows[i]
+        return table[i - 1] + (r - lo) * (table[i] - table[i - 1]) / (hi - lo)
+
+    @functools.cached_property
+    def by_row(self) -> tuple[list[float], list[float]]:
+        """(layer, head) costs at 0, 1, .., rows[-1] + 1 rows: the hot loop of best_round interpolates between
+        whole row counts inline instead of calling at_layer / at_head."""
+        span = range(int(self.rows[-1]) + 2)
+        return [self._at(self.layer, r) for r in span], [self._at(self.head, r) for r in span]
 
     def at_layer(self, r: float) -> float:
         return self._at(self.layer, r)
@@ -155,6 +162,7 @@ class RunStats:
     def __init__(self, depth: int):
         self.success = [0.0] * depth
         self.trials = [0.0] * depth
+        self._rates: list[float] | None = None  # rates() until the next add or shrink
 
     def add(self, seq, starts: bool = False) -> None:
         """One sequence of outcomes; runs start at its first element (a round), or at every element (a probe's
@@ -162,6 +170,7 @@ class RunStats:
         seq = list(seq)
         if not seq:
             return
+        self._rates = None
         keep = DECAY ** len(seq)
         self.success = [x * keep for x in self.success]
         self.trials = [x * keep for x in self.trials]
@@ -177,6 +186,7 @@ class RunStats:
         """Scale the counts down, rates unchanged, so that at most `most` runs are counted at depth 1. A layer's
         counts decay only as it is observed; a layer left long ago would otherwise keep its old text's weight."""
         if self.trials[0] > most:
+            self._rates = None
             f = most / self.trials[0]
             self.success = [x * f for x in self.success]
             self.trials = [x * f for x in self.trials]
@@ -187,12 +197,14 @@ class RunStats:
         drafts chosen so far are never observed (a round of cap k says nothing about draft k + 1), and in bursty
         text the rate rises with depth: an unseen depth takes the deepest seen one's rate, not the pooled rate,
         which would keep d where it happens to be."""
-        prior = (sum(self.success) + 0.5) / (sum(self.trials) + 1)
-        out = []
-        for s, t in zip(self.success, self.trials):
-            prior = (s + prior) / (t + 1)
-            out.append(prior)
-        return out
+        if self._rates is None:
+            prior = (sum(self.success) + 0.5) / (sum(self.trials) + 1)
+            out = []
+            for s, t in zip(self.success, self.trials):
+                prior = (s + prior) / (t + 1)
+                out.append(prior)
+            self._rates = out
+        return self._rates
 
 
 @dataclass
@@ -312,6 +324,8 @@ class AutoPlan:
         u = self._rates(E, self.confident, self.shadow_confident) if self.threshold > 0 else [1.0] * len(a)
         early = c.fixed + E * c.at_layer(B)
         head = c.at_draft_head(B)
+        layer, full_head = c.by_row
+        last = len(layer) - 2
         best, tokens, reach, deepest, survive = (0.0, 0), 1.0, 1.0, 0.0, 1.0
         for k in range(1, self.max_speculations + 1):
             survive *= a[k - 1]
@@ -319,9 +333,18 @@ class AutoPlan:
             reach *= u[k - 1]  # P(a row drafts >= k)
             deepest += 1 - (1 - reach) ** B  # E[max over B rows of drafts]
             unsure = 1 - reach ** B  # P(some row ends its drafting on an unsure head)
-            late = c.fixed + (L - E) * c.at_layer(B * (1 + deepest)) + c.at_head(B * (1 + deepest))
+            rows = B * (1 + deepest)  # the verify pass's; between whole row counts i and i + 1
+            i = int(rows)
+            if i <= last:
+                f = rows - i
+                late = (c.fixed + (L - E) * (layer[i] + f * (layer[i + 1] - layer[i]))
+                        + full_head[i] + f * (full_head[i + 1] - full_head[i]))
+            else:
+                late = c.fixed + (L - E) * c.at_layer(rows) + c.at_head(rows)
             cost = (1 + deepest) * early + min(k, deepest + unsure) * head + late
-            best = max(best, (B * tokens / cost, k))
+            value = B * tokens / cost
+            if value >= best[0]:  # ties: the longer draft
+                best = (value, k)
         return best
 
     def observe_speed(self, E: int, B: int, tokens: int, seconds: float) -> None:
