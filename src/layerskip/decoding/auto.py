@@ -36,7 +36,6 @@ choice depends only on what earlier rounds verified).
 """
 from __future__ import annotations
 
-import bisect
 import collections
 import functools
 import statistics
@@ -88,11 +87,13 @@ class StepCosts:
 
     def _at(self, table: tuple[float, ...], r: float) -> float:
         rows = self.rows
-        if r <= rows[0] or len(rows) == 1:
+        if r <= rows[0]:
             return table[0]
-        i = min(bisect.bisect_left(rows, r), len(rows) - 1)  # rows[i - 1] < r <= rows[i], or past the last
-        lo, hi = rows[i - 1], rows[i]
-        return table[i - 1] + (r - lo) * (table[i] - table[i - 1]) / (hi - lo)
+        for i in range(1, len(rows)):
+            if r <= rows[i] or i == len(rows) - 1:
+                lo, hi = rows[i - 1], rows[i]
+                return table[i - 1] + (r - lo) * (table[i] - table[i - 1]) / (hi - lo)
+        return table[-1]
 
     @functools.cached_property
     def by_row(self) -> tuple[list[float], list[float]]:
