@@ -146,6 +146,47 @@ def test_switching_exit_layers_between_rounds_keeps_the_cache_valid(tiny_llama):
         assert torch.allclose(cache.values[layer][..., :valid, :], ar_cache.values[layer][..., :valid, :], atol=1e-5)
 
 
+@pytest.mark.parametrize("options", [dict(threshold=0.0, vocab=None), dict(threshold=0.5, vocab=None),
+                                     dict(threshold=0.5, vocab=torch.arange(0, 256, 2))])
+def test_a_rounds_probes_equal_each_exits_drafts_from_a_full_pass(options):
+    """run_round's shadow flags (the probes' head rides in the verify pass's head call) against the slow reference:
+    each probed exit's logits from a fresh pass over the whole accepted text, at every position the round confirmed,
+    compared with the text's next token."""
+    model = exact_model(3, num_layers=6)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(40)  # peaked exits: the threshold keeps some drafts and stops others
+    engine = layerskip.prepare(model)
+    threshold, vocab = options["threshold"], options["vocab"]
+    n, rounds = 40, []
+    with torch.inference_mode():
+        cache = engine.new_cache(len(IDS) + n)
+        pending, pos, out, i = torch.tensor([IDS]), 0, [], 0
+        while len(out) < n - 6:
+            E = (3, 1, 4, 2, 5)[i % 5]
+            start = pos + pending.shape[1] - 1  # x0's last position
+            r, pos = run_round(engine, cache, pending, pos, 4, exit_layer=E, params=SamplingParams(), vocab=vocab,
+                               confidence_threshold=threshold, probes=(1, 2, 3, 4, 5))
+            rounds.append((start, r))
+            out += r.tokens
+            pending, i = torch.tensor([[r.tokens[-1]]]), i + 1
+        text = torch.tensor([IDS + out])
+        hidden = {}
+        engine.run(engine.embed(text), 0, engine.num_layers, engine.new_cache(text.shape[1]), 0,
+                   {e: hidden.setdefault(e, []) for e in (1, 2, 3, 4, 5)})
+    assert any(r.accepted for _, r in rounds) and any(r.accepted < r.drafted or r.unsure for _, r in rounds)
+    for start, r in rounds:
+        span = slice(start, start + r.accepted + 1)
+        nxt = text[0, start + 1:start + r.accepted + 2]
+        for e, h in hidden.items():
+            with torch.no_grad():
+                logits = engine.logits(h[0][0, span], vocab)
+            top = logits.argmax(-1) if vocab is None else vocab[logits.argmax(-1)]
+            sure = torch.softmax(logits, -1).max(-1).values >= threshold
+            [(accepted, confident)] = r.shadow[e]
+            assert confident == sure.tolist()
+            assert accepted == ((top == nxt) & sure).tolist()
+
+
 def test_shadow_outcomes_match_the_exits_own_drafts(tiny_llama):
     """A probe's flags are the exit's own greedy drafts compared with the verifier: checked against logits."""
     engine = layerskip.prepare(tiny_llama)
@@ -171,6 +212,36 @@ def test_run_stats_count_runs_by_depth():
     s.add([True, False, True], starts=True)  # runs from each position: TF, F, T (censored)
     assert s.trials == [3, 1] and s.success == [2, 0]
     assert 0 < s.rates()[1] < s.rates()[0] < 1
+
+
+def test_run_stats_decay_lazily_as_an_eager_reference_does():
+    """Counts kept in units of the oldest observation's weight equal counts decayed at every observation, also
+    after the unit has been folded back (many observations) and after a shrink."""
+    depth, g = 5, torch.Generator().manual_seed(0)
+    s, success, trials = auto.RunStats(depth), [0.0] * depth, [0.0] * depth
+
+    def reference_add(seq, starts):
+        keep = auto.DECAY ** len(seq)
+        success[:] = [x * keep for x in success]
+        trials[:] = [x * keep for x in trials]
+        for i in range(len(seq) if starts else 1):
+            for j, ok in enumerate(seq[i:i + depth]):
+                trials[j] += 1
+                if not ok:
+                    break
+                success[j] += 1
+
+    for step in range(3000):  # about 15000 observations: DECAY ** 15000 < 1e-100
+        seq = (torch.rand(int(torch.randint(1, 9, (1,), generator=g)), generator=g) < 0.8).tolist()
+        starts = step % 3 == 0
+        s.add(seq, starts=starts)
+        reference_add(seq, starts)
+        if step % 500 == 0:
+            assert s.trials == pytest.approx(trials, rel=1e-9) and s.success == pytest.approx(success, rel=1e-9)
+    assert s._unit > 1e-100 and s.runs() == pytest.approx(trials[0], rel=1e-9)
+    s.shrink(2.0)
+    f = 2.0 / trials[0]
+    assert s.trials == pytest.approx([x * f for x in trials]) and s.success == pytest.approx([x * f for x in success])
 
 
 def test_exit_layer_auto_is_rejected_for_early_exit():

@@ -158,39 +158,52 @@ class RunStats:
 
     Drafts are not i.i.d.: in easy text an exit agrees for long stretches, in hard text it fails at once, so the
     chance that draft j is accepted given that drafts 1 .. j - 1 were rises with j. Counting by depth keeps that.
+    The decay is lazy: the counts are kept in units of `_unit` (the weight of the first observation relative to
+    the newest), so an observation scales one number, not every depth's counts.
     """
 
     def __init__(self, depth: int):
-        self.success = [0.0] * depth
-        self.trials = [0.0] * depth
+        self._success = [0.0] * depth  # counts / _unit
+        self._trials = [0.0] * depth
+        self._unit = 1.0
         self._rates: list[float] | None = None  # rates() until the next add or shrink
+
+    @property
+    def success(self) -> list[float]:
+        return [x * self._unit for x in self._success]
+
+    @property
+    def trials(self) -> list[float]:
+        return [x * self._unit for x in self._trials]
+
+    def runs(self) -> float:
+        """The (weighted) runs counted at depth 1."""
+        return self._trials[0] * self._unit
 
     def add(self, seq, starts: bool = False) -> None:
         """One sequence of outcomes; runs start at its first element (a round), or at every element (a probe's
         confirmed positions: a round could have started at any of them). The end of `seq` censors runs."""
-        seq = list(seq)
         if not seq:
             return
         self._rates = None
-        keep = DECAY ** len(seq)
-        self.success = [x * keep for x in self.success]
-        self.trials = [x * keep for x in self.trials]
-        D = len(self.trials)
+        self._unit *= DECAY ** len(seq)
+        if self._unit < 1e-100:  # fold the unit back into the counts before it underflows
+            self._success, self._trials, self._unit = self.success, self.trials, 1.0
+        w, success, trials = 1.0 / self._unit, self._success, self._trials
+        D = len(trials)
         for i in range(len(seq) if starts else 1):
             for j, ok in enumerate(seq[i:i + D]):
-                self.trials[j] += 1
+                trials[j] += w
                 if not ok:
                     break
-                self.success[j] += 1
+                success[j] += w
 
     def shrink(self, most: float) -> None:
         """Scale the counts down, rates unchanged, so that at most `most` runs are counted at depth 1. A layer's
         counts decay only as it is observed; a layer left long ago would otherwise keep its old text's weight."""
-        if self.trials[0] > most:
+        if self.runs() > most:
             self._rates = None
-            f = most / self.trials[0]
-            self.success = [x * f for x in self.success]
-            self.trials = [x * f for x in self.trials]
+            self._unit *= most / self.runs()
 
     def rates(self) -> list[float]:
         """P(run goes on at depth j | it reached j), j = 1..depth, each shrunk by one pseudo-observation towards
@@ -199,10 +212,11 @@ class RunStats:
         text the rate rises with depth: an unseen depth takes the deepest seen one's rate, not the pooled rate,
         which would keep d where it happens to be."""
         if self._rates is None:
-            prior = (sum(self.success) + 0.5) / (sum(self.trials) + 1)
+            u = self._unit
+            prior = (sum(self._success) * u + 0.5) / (sum(self._trials) * u + 1)
             out = []
-            for s, t in zip(self.success, self.trials):
-                prior = (s + prior) / (t + 1)
+            for s, t in zip(self._success, self._trials):
+                prior = (s * u + prior) / (t * u + 1)
                 out.append(prior)
             self._rates = out
         return self._rates
@@ -296,7 +310,7 @@ class AutoPlan:
         decay only while it is observed); else from its shadow outcomes, calibrated by how the current layer's
         shadow outcomes compare with its real ones (probed positions are those the current layer's drafts got
         right: easy ones, which flatter every shadow)."""
-        if E == self.exit_layer or (real[E].trials[0] >= REAL_ENOUGH
+        if E == self.exit_layer or (real[E].runs() >= REAL_ENOUGH
                                     and self.rounds - self._last_round.get(E, -FRESH_FOR) <= FRESH_FOR):
             return real[E].rates()
         here, ref, theirs = real[self.exit_layer].rates(), shadow[self.exit_layer].rates(), shadow[E].rates()
@@ -306,10 +320,12 @@ class AutoPlan:
         """The layers round r measures (empty: not a probe round), the current E always among them (it calibrates
         the others): every candidate in the first rounds, then every PROBE_EVERY rounds the current E's
         neighbours and one more in turn."""
-        others = [e for e in self.candidates if e != self.exit_layer]
         if r < self.warmup:
             return self.candidates
-        if r % PROBE_EVERY or not others:
+        if r % PROBE_EVERY:
+            return ()
+        others = [e for e in self.candidates if e != self.exit_layer]
+        if not others:
             return ()
         i = self.candidates.index(self.exit_layer)
         near = {self.candidates[j] for j in (i - 1, i, i + 1) if 0 <= j < len(self.candidates)}
@@ -463,8 +479,8 @@ class AutoPlan:
         guess or a choice on evidence, and the estimates alone decide."""
         if not ((self.stored_start or self._carried) and self.exit_layer == self.start):
             return True
-        return (self._measured(E, B) is not None or self.accepted[E].trials[0] >= REAL_ENOUGH
-                or self.shadow_accepted[E].trials[0] >= SHADOW_ENOUGH)
+        return (self._measured(E, B) is not None or self.accepted[E].runs() >= REAL_ENOUGH
+                or self.shadow_accepted[E].runs() >= SHADOW_ENOUGH)
 
     def _step_instead(self, r: int, B: int, predicted: float) -> bool:
         """Whether an autoregressive step beats the current layer's round for B > 1 rows: measured against measured
@@ -520,7 +536,14 @@ def shadow_outcomes(stack: LayerStack, hidden: dict[int, torch.Tensor], targets:
     if not hidden:
         return {}
     layers = list(hidden)
-    logits = stack.logits(torch.cat([hidden[e] for e in layers]), vocab)  # (len(layers) * n, V')
+    return shadow_flags(layers, stack.logits(torch.cat([hidden[e] for e in layers]), vocab), targets, spans, vocab,
+                        threshold)
+
+
+def shadow_flags(layers: list[int], logits: torch.Tensor, targets: torch.Tensor, spans: list[int],
+                 vocab: torch.Tensor | None, threshold: float) -> dict[int, list[tuple[list[bool], list[bool]]]]:
+    """shadow_outcomes from the (draft-head) logits (len(layers) * n, V') of the layers' hidden states, layer after
+    layer (batch 1 computes them in the verify pass's head call)."""
     top = logits.argmax(-1)
     if vocab is not None:
         top = vocab[top]
