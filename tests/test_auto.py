@@ -297,6 +297,11 @@ def _plan_with_shadow(stored_start: bool, positions: int):
     return plan
 
 
+def _step_speed() -> float:
+    """An autoregressive step's tokens per second on _costs()'s machine (8 layers)."""
+    return 1 / _costs().autoregressive(8, 1)
+
+
 def _measure(plan, E: int, tokens_per_s: float = 400.0) -> None:
     for _ in range(auto.MEASURED_ROUNDS):
         plan.observe_speed(E, 1, 4, 4 / tokens_per_s)
@@ -307,20 +312,45 @@ def test_a_stored_exit_layer_is_left_only_on_evidence():
     positions of the other layer; a guessed start is left on the estimates alone."""
     late = auto.FRESH_FOR + 1
     enough = int(auto.SHADOW_ENOUGH) + 1
+    slow = 0.9 * _step_speed()  # the stored E measured slower than autoregressive decoding: it may be left
     plan = _plan_with_shadow(stored_start=True, positions=enough)
     assert plan_choice(plan, rounds=late) == 3  # the stored E not measured yet: stay
     plan = _plan_with_shadow(stored_start=True, positions=enough)
-    _measure(plan, 3)
+    _measure(plan, 3, slow)
     assert plan_choice(plan) == 3  # measured, but within the generation's first rounds: stay
     plan = _plan_with_shadow(stored_start=True, positions=3)
     plan.rounds = late
-    _measure(plan, 3)
+    _measure(plan, 3, slow)
     assert plan_choice(plan, rounds=late) == 3  # three probed positions: stay
     plan = _plan_with_shadow(stored_start=True, positions=enough)
     plan.rounds = late
-    _measure(plan, 3)
+    _measure(plan, 3, slow)
     assert plan_choice(plan, rounds=late) == 5
     assert plan_choice(_plan_with_shadow(stored_start=False, positions=3)) == 5  # a guessed start: estimates decide
+
+
+def test_stored_settings_that_pay_run_as_they_are_until_they_stop_paying():
+    """At batch 1, the stored E and d run with no probe and no choice while the stored E's measured speed beats an
+    autoregressive step's, however much another layer's shadows promise; once it falls below, auto probes at once
+    and may leave it. A batch is never quiet."""
+    plan = _plan_with_shadow(stored_start=True, positions=int(auto.SHADOW_ENOUGH) + 1)
+    plan.rounds, plan.start_speculations = 0, 3
+    for r in range(3 * auto.PROBE_EVERY):
+        assert plan.choose(1) == (3, 3, ())  # warm-up and probe rounds too
+        plan.observe_speed(3, 1, 4, 4 / (1.5 * _step_speed()))
+    slow = 0
+    while plan._quiet(1):  # the text got hard: slower than autoregressive decoding
+        plan.observe_speed(3, 1, 4, 4 / (0.5 * _step_speed()))
+        slow += 1
+    assert slow <= auto.MEASURED_ROUNDS  # noticed within a few rounds
+    r = plan.rounds
+    E, _, probes = plan.choose(1)
+    assert probes  # probes start at once, and the stored E may be left for the layer the shadows promise
+    assert E == 5 or any(plan.choose(1)[0] == 5 for _ in range(auto.PROBE_EVERY - 1))
+    batch = _plan_with_shadow(stored_start=True, positions=3)
+    batch.rounds = 0
+    assert batch.choose(4)[2]  # batched rounds: the warm-up probes as before
+    assert r > auto.FRESH_FOR
 
 
 def plan_choice(plan, rounds: int = auto.WARMUP_ROUNDS + 1) -> int:
@@ -336,11 +366,11 @@ def test_a_left_stored_exit_layer_is_tried_again_once_its_speed_is_stale():
     5's is measured (no shadow can bring it back); it stays until measured, then the faster one wins."""
     plan = _plan_with_shadow(stored_start=True, positions=int(auto.SHADOW_ENOUGH) + 1)
     plan.rounds = auto.FRESH_FOR + 1
-    _measure(plan, 3, 300.0)
+    _measure(plan, 3, 90.0)  # below an autoregressive step's 110 tokens/s: the stored E does not pay here
     assert plan_choice(plan, rounds=auto.FRESH_FOR + 1) == 5
     plan.rounds = 2 * auto.FRESH_FOR + 3
-    _measure(plan, 5, 400.0)
-    assert plan._measured(3, 1) is None and plan._measured(5, 1) == pytest.approx(400.0)
+    _measure(plan, 5, 100.0)
+    assert plan._measured(3, 1) is None and plan._measured(5, 1) == pytest.approx(100.0)
     assert plan_choice(plan, rounds=2 * auto.FRESH_FOR + 3) == 3  # a trial of the stored E
     for r in range(2 * auto.FRESH_FOR + 4, 2 * auto.FRESH_FOR + 4 + auto.MEASURED_ROUNDS - 1):
         plan.rounds = r
@@ -349,7 +379,7 @@ def test_a_left_stored_exit_layer_is_tried_again_once_its_speed_is_stale():
             assert plan_choice(plan, rounds=r) == 3  # held until measured
     plan.observe_speed(3, 1, 4, 4 / 500.0)
     assert plan._measured(3, 1) == pytest.approx(500.0)
-    assert plan_choice(plan, rounds=2 * auto.FRESH_FOR + 5 + auto.MEASURED_ROUNDS) == 3  # 500 > 400: stays
+    assert plan_choice(plan, rounds=2 * auto.FRESH_FOR + 5 + auto.MEASURED_ROUNDS) == 3  # 500 > 100: stays
 
 
 def test_a_layer_left_long_ago_is_judged_by_its_shadows():
@@ -367,8 +397,9 @@ def test_a_layer_left_long_ago_is_judged_by_its_shadows():
 def test_a_probe_round_after_a_capped_round_drafts_past_the_chosen_length():
     for accepted, drafted, deeper in ((2, 2, True), (1, 2, False), (0, 0, False)):
         plan = _plan_with_shadow(stored_start=True, positions=3)
-        plan.observe_round(3, types.SimpleNamespace(accepted=accepted, drafted=drafted, unsure=False, shadow={}))
         plan.rounds = auto.PROBE_EVERY * 3  # a probe round, past the warm-up
+        _measure(plan, 3, 0.9 * _step_speed())  # not paying: auto chooses and probes
+        plan.observe_round(3, types.SimpleNamespace(accepted=accepted, drafted=drafted, unsure=False, shadow={}))
         chosen = plan.best_round(3, 1)[1]
         E, k, probes = plan.choose(1)
         assert probes and E == 3

@@ -63,6 +63,7 @@ HOLD_ROUNDS = 2 * MEASURED_ROUNDS  # a layer chosen on a prediction is kept unti
 REAL_ENOUGH = 8.0  # rounds (weighted) of a layer's own after which its own outcomes replace its shadow estimate
 SHADOW_ENOUGH = 6.0  # probed positions (weighted) a layer needs before a switch to it may rest on its shadows
 CARRIED = 4.0  # a new generation's carried estimates count as at most this many runs each: priors, not evidence
+KEEP_PAYING = 1.0  # the stored E is kept while its measured speed is at least this many times an autoregressive step's
 PRICE_EVERY = 4  # the current layer's best round is priced again after this many rounds (at once after a capped one)
 _COST_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
@@ -264,6 +265,8 @@ class AutoPlan:
     _last_round: dict[int, int] = field(default_factory=dict, repr=False)  # E -> the last round run at E
     _priced: tuple | None = field(default=None, repr=False)  # ((E, B), round, best_round(E, B)) of `_current`
     _step_guess: tuple[int, float] | None = field(default=None, repr=False)  # (B, predicted step tokens/s)
+    _was_quiet: bool = field(default=False, repr=False)  # the last round chosen ran the stored settings (_quiet)
+    _engaged: int = field(default=0, repr=False)  # the round choosing (and probing) last started after quiet rounds
     memory: dict | None = field(default=None, repr=False)  # the engine's estimates from earlier generations
     warmup: int = WARMUP_ROUNDS  # rounds that probe every candidate before any switch
 
@@ -322,7 +325,7 @@ class AutoPlan:
         neighbours and one more in turn."""
         if r < self.warmup:
             return self.candidates
-        if r % PROBE_EVERY:
+        if (r - self._engaged) % PROBE_EVERY:
             return ()
         others = [e for e in self.candidates if e != self.exit_layer]
         if not others:
@@ -399,6 +402,13 @@ class AutoPlan:
         current layer's every PRICE_EVERY rounds (`_current`)."""
         r = self.rounds
         self.rounds += 1
+        if self._quiet(B):  # the stored settings as they are: nothing to choose, nothing to probe
+            self._probing, self._was_quiet = False, True
+            if self.memory is not None:
+                self.memory["exit_layer"] = self.exit_layer
+            return self.exit_layer, min(self.start_speculations or self._current(B)[1], self.max_speculations), ()
+        if self._was_quiet:  # the stored E stopped paying: probes start now
+            self._was_quiet, self._engaged = False, r
         current = self._current(B)
         if r < self.warmup and self.start_speculations:  # nothing measured yet: the stored d, if any
             current = (current[0], min(self.start_speculations, self.max_speculations))
@@ -436,6 +446,18 @@ class AutoPlan:
             return self.exit_layer, deeper, probes
         return self.exit_layer, (0 if self._step_instead(r, B, current[0]) else current[1]), ()
 
+    def _quiet(self, B: int) -> bool:
+        """Whether the next round runs the model's stored settings as they are, with no probe and no choice: at batch
+        1, at the stored E, until its speed is measured and while that is at least KEEP_PAYING times an
+        autoregressive step's. A tuned E and d that pay on this text are what a sweep found best on the model's own
+        kind of text, and on the built-in model no other static cell near them is measurably faster
+        (benchmarks/stored_neighbours.py); probing and choosing there cost 2-3% of the decode and bought nothing
+        measurable (benchmarks/auto_decompose.py). Where they stop paying, auto tunes as it does with no stored E."""
+        if B != 1 or not self.stored_start or self.exit_layer != self.start:
+            return False
+        here = self._measured(self.start, 1)
+        return here is None or here >= KEEP_PAYING * self._step_speed(1)
+
     def _current(self, B: int) -> tuple[float, int]:
         """best_round at the current layer for B rows, priced again only every PRICE_EVERY rounds, after a round
         that reached its cap (its d may grow at once), or when E or B changed. One round moves the current
@@ -465,12 +487,21 @@ class AutoPlan:
     def _switchable(self, B: int) -> list[int]:
         """The layers the current one may be left for. None while the model's stored E (tuned on whole generations
         of held-out prompts) is held: for the generation's first FRESH_FOR rounds (its hardest text, the fewest
-        observations: on held-out code nearly every switch made that early lost) and until its own speed is
-        measured. Then those with evidence enough (_known)."""
-        if self.stored_start and self.exit_layer == self.start and (
-                self.rounds <= FRESH_FOR or self._measured(self.exit_layer, B) is None):
-            return []
+        observations: on held-out code nearly every switch made that early lost), until its own speed is
+        measured, and while that speed is at least KEEP_PAYING times an autoregressive step's: a tuned E that pays
+        on this text is kept, and the others' predictions (shadows, which flatter them) are not bet against it.
+        Then those with evidence enough (_known)."""
+        if self.stored_start and self.exit_layer == self.start:
+            here = self._measured(self.exit_layer, B) if self.rounds > FRESH_FOR else None
+            if here is None or here >= KEEP_PAYING * (self._measured(AR, B) or self._step_speed(B)):
+                return []
         return [E for E in self.candidates if E != self.exit_layer and self._known(E, B)]
+
+    def _step_speed(self, B: int) -> float:
+        """An autoregressive step's predicted tokens per second for B rows (the cost model's)."""
+        if self._step_guess is None or self._step_guess[0] != B:
+            self._step_guess = (B, B / self.costs.autoregressive(self.num_layers, B))
+        return self._step_guess[1]
 
     def _known(self, E: int, B: int) -> bool:
         """Whether there is evidence enough to leave the current layer for E. Leaving the model's stored E, or the
@@ -487,9 +518,7 @@ class AutoPlan:
         where both are (a step's speed is measured in a few steps tried once the warm-up is over, where the
         prediction puts it within STEP_WITHIN of the measured round, and again when that goes stale), else
         predicted against predicted."""
-        if self._step_guess is None or self._step_guess[0] != B:
-            self._step_guess = (B, B / self.costs.autoregressive(self.num_layers, B))
-        guess = self._step_guess[1]
+        guess = self._step_speed(B)
         if B == 1:  # one row: a round's speed swings with the text, a step's does not; only the prediction decides
             return guess > predicted
         here, step = self._measured(self.exit_layer, B), self._measured(AR, B)
