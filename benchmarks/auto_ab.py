@@ -12,10 +12,10 @@ Every output must equal autoregressive decoding.
 Variants (experiments, not shipped):
   pinned    auto never leaves the model's stored E: it chooses d alone
   gain      a switch to a layer measured faster lately needs SWITCH_GAIN too (shipped: MEASURED_GAIN = 1.0)
-  leave     auto as shipped before 2026-12-08: no quiet rounds (AutoPlan._quiet), and the stored E may be left
-            however fast it runs (KEEP_PAYING = infinity)
-  keep12    the stored settings run as they are, and the stored E is kept, while it runs at 1.2x an autoregressive
-            step or faster (shipped: 1.0x)
+  leave     auto as shipped before 2026-12-08: no quiet rounds (AutoPlan._quiet): it probes and chooses at the
+            stored settings too, and may leave the stored E however fast it runs
+  keep12    the stored settings run as they are while the stored E runs at 1.2x an autoregressive step or faster
+            (shipped: 1.0x, KEEP_PAYING)
   modelled  a round's "measured" speed is its tokens over the cost model's seconds for the drafts it made, not the
             clock's (batch 1 only): the machine's slow spells no longer steer the choice
 
@@ -69,7 +69,7 @@ def _modelled():
 # name -> () -> [(owner, attribute, value in place of the shipped one)]
 VARIANTS = {"pinned": lambda: [(auto.AutoPlan, "_switchable", _pinned(auto.AutoPlan._switchable))],
             "gain": lambda: [(auto, "MEASURED_GAIN", auto.SWITCH_GAIN)],
-            "leave": lambda: [(auto, "KEEP_PAYING", float("inf")), (auto.AutoPlan, "_quiet", lambda plan, B: False)],
+            "leave": lambda: [(auto.AutoPlan, "_quiet", lambda plan, B: False)],
             "keep12": lambda: [(auto, "KEEP_PAYING", 1.2)],
             "modelled": _modelled}
 

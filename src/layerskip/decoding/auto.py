@@ -63,7 +63,8 @@ HOLD_ROUNDS = 2 * MEASURED_ROUNDS  # a layer chosen on a prediction is kept unti
 REAL_ENOUGH = 8.0  # rounds (weighted) of a layer's own after which its own outcomes replace its shadow estimate
 SHADOW_ENOUGH = 6.0  # probed positions (weighted) a layer needs before a switch to it may rest on its shadows
 CARRIED = 4.0  # a new generation's carried estimates count as at most this many runs each: priors, not evidence
-KEEP_PAYING = 1.0  # the stored E is kept while its measured speed is at least this many times an autoregressive step's
+KEEP_PAYING = 1.0  # batch 1: the stored settings run as they are while the stored E's measured speed is at least this
+# many times an autoregressive step's (AutoPlan._quiet)
 PRICE_EVERY = 4  # the current layer's best round is priced again after this many rounds (at once after a capped one)
 _COST_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
@@ -487,14 +488,11 @@ class AutoPlan:
     def _switchable(self, B: int) -> list[int]:
         """The layers the current one may be left for. None while the model's stored E (tuned on whole generations
         of held-out prompts) is held: for the generation's first FRESH_FOR rounds (its hardest text, the fewest
-        observations: on held-out code nearly every switch made that early lost), until its own speed is
-        measured, and while that speed is at least KEEP_PAYING times an autoregressive step's: a tuned E that pays
-        on this text is kept, and the others' predictions (shadows, which flatter them) are not bet against it.
-        Then those with evidence enough (_known)."""
-        if self.stored_start and self.exit_layer == self.start:
-            here = self._measured(self.exit_layer, B) if self.rounds > FRESH_FOR else None
-            if here is None or here >= KEEP_PAYING * (self._measured(AR, B) or self._step_speed(B)):
-                return []
+        observations: on held-out code nearly every switch made that early lost) and until its own speed is
+        measured (at batch 1 also while it pays: `_quiet`). Then those with evidence enough (_known)."""
+        if self.stored_start and self.exit_layer == self.start and (
+                self.rounds <= FRESH_FOR or self._measured(self.exit_layer, B) is None):
+            return []
         return [E for E in self.candidates if E != self.exit_layer and self._known(E, B)]
 
     def _step_speed(self, B: int) -> float:
