@@ -16,6 +16,7 @@ Variants (experiments, not shipped):
             stored settings too, and may leave the stored E however fast it runs
   keep12    the stored settings run as they are while the stored E runs at 1.2x an autoregressive step or faster
             (shipped: 1.0x, KEEP_PAYING)
+  keep15    the same at 1.5x
   modelled  a round's "measured" speed is its tokens over the cost model's seconds for the drafts it made, not the
             clock's (batch 1 only): the machine's slow spells no longer steer the choice
 
@@ -71,6 +72,7 @@ VARIANTS = {"pinned": lambda: [(auto.AutoPlan, "_switchable", _pinned(auto.AutoP
             "gain": lambda: [(auto, "MEASURED_GAIN", auto.SWITCH_GAIN)],
             "leave": lambda: [(auto.AutoPlan, "_quiet", lambda plan, B: False)],
             "keep12": lambda: [(auto, "KEEP_PAYING", 1.2)],
+            "keep15": lambda: [(auto, "KEEP_PAYING", 1.5)],
             "modelled": _modelled}
 
 

@@ -30,6 +30,11 @@ changes along a generation. The model's stored E is left only past a generation'
 measured, and is tried again once the layer it was left for is measured and its own speed is stale (probes cannot
 see that a deeper layer's runs are longer). After a round that reached its cap, a probe round drafts past the
 chosen k (PROBE_DEPTH), so a depth once seen failing is seen again.
+At batch 1, while the model's stored E pays (its best round, from its own rounds' acceptance, predicted at least
+KEEP_PAYING times as fast as an autoregressive step), the stored E and d run as they are, with no probe and no
+choice (`_quiet`): on the built-in model the stored cell is the best static cell within noise, and the probing and
+choosing there cost 2-3% of a decode for nothing measurable. Where the stored E stops paying, choosing and probing
+start at once.
 Lossless whatever it chooses: the verifier alone decides what is emitted, every layer's cache is valid up to the
 accepted length after every round, so E may change between rounds, and sampling stays distribution-exact (each
 choice depends only on what earlier rounds verified).
@@ -63,8 +68,8 @@ HOLD_ROUNDS = 2 * MEASURED_ROUNDS  # a layer chosen on a prediction is kept unti
 REAL_ENOUGH = 8.0  # rounds (weighted) of a layer's own after which its own outcomes replace its shadow estimate
 SHADOW_ENOUGH = 6.0  # probed positions (weighted) a layer needs before a switch to it may rest on its shadows
 CARRIED = 4.0  # a new generation's carried estimates count as at most this many runs each: priors, not evidence
-KEEP_PAYING = 1.0  # batch 1: the stored settings run as they are while the stored E's measured speed is at least this
-# many times an autoregressive step's (AutoPlan._quiet)
+KEEP_PAYING = 1.0  # batch 1: the stored settings run as they are while the stored E's best round is predicted at least
+# this many times as fast as an autoregressive step (AutoPlan._quiet)
 PRICE_EVERY = 4  # the current layer's best round is priced again after this many rounds (at once after a capped one)
 _COST_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
@@ -370,8 +375,9 @@ class AutoPlan:
 
     def observe_speed(self, E: int, B: int, tokens: int, seconds: float) -> None:
         """A round's wall time at E (AR: an autoregressive step) for B rows and the tokens it emitted. Probe rounds
-        are not counted: their shadow heads are work an ordinary round at E does not do."""
-        if self._probing:
+        are not counted: their shadow heads are work an ordinary round at E does not do; nor is a generation's first
+        round, which carries the prompt's prefill."""
+        if self._probing or self.rounds <= 1:
             return
         m = self.measured.get((E, B))
         if m is None or self.rounds - m[2] > self._fresh_for(E):  # stale: measured afresh, the old text forgotten
@@ -449,15 +455,17 @@ class AutoPlan:
 
     def _quiet(self, B: int) -> bool:
         """Whether the next round runs the model's stored settings as they are, with no probe and no choice: at batch
-        1, at the stored E, until its speed is measured and while that is at least KEEP_PAYING times an
-        autoregressive step's. A tuned E and d that pay on this text are what a sweep found best on the model's own
-        kind of text, and on the built-in model no other static cell near them is measurably faster
-        (benchmarks/stored_neighbours.py); probing and choosing there cost 2-3% of the decode and bought nothing
-        measurable (benchmarks/auto_decompose.py). Where they stop paying, auto tunes as it does with no stored E."""
+        1, at the stored E, for the generation's first FRESH_FOR rounds (as the stored E is held), and then while
+        the stored E pays: its best round, priced from its own rounds' acceptance (`_current`), predicted at least
+        KEEP_PAYING times as fast as an autoregressive step. Both sides are the cost model's, so a slow spell of
+        the machine, or a cost table timed in one, does not wake it. A tuned E and d that pay on this text are
+        what a sweep found best on the model's own kind of text; on the built-in model no other static cell near
+        them is measurably faster (benchmarks/stored_neighbours.py), and probing and choosing there cost 2-3% of
+        the decode for nothing measurable (benchmarks/auto_decompose.py). Where the stored E stops paying, auto
+        probes and chooses as it does with no stored E."""
         if B != 1 or not self.stored_start or self.exit_layer != self.start:
             return False
-        here = self._measured(self.start, 1)
-        return here is None or here >= KEEP_PAYING * self._step_speed(1)
+        return self.rounds <= FRESH_FOR or self._current(1)[0] >= KEEP_PAYING * self._step_speed(1)
 
     def _current(self, B: int) -> tuple[float, int]:
         """best_round at the current layer for B rows, priced again only every PRICE_EVERY rounds, after a round
