@@ -3,10 +3,9 @@
 Decodes each prompt with `exit_layer="auto"` (greedy, the model's stored threshold) and times, inside that decode,
 every call of the plan's choosing (`AutoPlan.choose`, and within it `best_round`, the cost model's prediction of a
 layer's best round), of its updates (`observe_round`, `observe_speed`) and of the probes' shadow heads
-(`auto.shadow_outcomes`, batched rounds; at batch 1 the probes' head rides in the verify pass's head call and only
-`auto.shadow_flags`, the flags from its logits, is a call of its own); `choose` includes its `best_round` calls. The
-wrapping adds about a microsecond a call. Also every batch-1 round's wall time: a probe round's extra cost is its
-time over the mean plain round that drafted as many tokens. Reported: microseconds per round and per call, and each
+(`auto.shadow_outcomes`); `choose` includes its `best_round` calls. The wrapping adds about a microsecond a call.
+Also every batch-1 round's wall time but the prefill's: a probe round's extra cost (its taps, shadow heads and
+flags) is its time over the mean plain round that drafted as many tokens. Reported: microseconds per round and per call, and each
 part's share of the decode's wall time. A profile, not a speed comparison: the shares, not the absolute times,
 carry from one machine to another.
 
@@ -48,14 +47,12 @@ def instrument(spent: dict, calls: collections.Counter) -> None:
         setattr(owner, attr, timed(name, getattr(owner, attr)))
     shadow = timed("shadow_outcomes", auto.shadow_outcomes)
     auto.shadow_outcomes = shadow  # self_speculative and batch call it as auto.shadow_outcomes
-    if hasattr(auto, "shadow_flags"): auto.shadow_flags = timed("shadow_flags", auto.shadow_flags)
     assert self_speculative.auto is auto
 
 
 def time_rounds(rounds: list) -> None:
     """Wrap batch 1's run_round to append (seconds, probed, drafted) of every round but a generation's first (the
-    prompt's prefill) to `rounds`: at batch 1 the probes' head rides in the verify pass's head call, so their cost
-    shows only in the probe rounds' time."""
+    prompt's prefill) to `rounds`."""
     shipped = self_speculative.run_round
 
     @functools.wraps(shipped)
@@ -102,7 +99,7 @@ def main() -> None:
     parts = {name: {"seconds": spent[name], "calls": calls[name],
                     "us_per_call": 1e6 * spent[name] / max(calls[name], 1),
                     "us_per_round": 1e6 * spent[name] / max(rounds, 1),
-                    "share_of_decode": spent[name] / decode_s} for name in (*PARTS, "shadow_outcomes", "shadow_flags")}
+                    "share_of_decode": spent[name] / decode_s} for name in (*PARTS, "shadow_outcomes")}
     report = {"model": args.model or "built-in", "prompts": f"{args.prompts}: {len(prompts)} prompts",
               "machine": f"{machine_name()}, {args.threads} threads, fp32",
               "max_new_tokens": n, "decode_seconds": decode_s, "rounds": rounds, "tokens": tokens,

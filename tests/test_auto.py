@@ -149,7 +149,7 @@ def test_switching_exit_layers_between_rounds_keeps_the_cache_valid(tiny_llama):
 @pytest.mark.parametrize("options", [dict(threshold=0.0, vocab=None), dict(threshold=0.5, vocab=None),
                                      dict(threshold=0.5, vocab=torch.arange(0, 256, 2))])
 def test_a_rounds_probes_equal_each_exits_drafts_from_a_full_pass(options):
-    """run_round's shadow flags (the probes' head rides in the verify pass's head call) against the slow reference:
+    """run_round's shadow flags against the slow reference:
     each probed exit's logits from a fresh pass over the whole accepted text, at every position the round confirmed,
     compared with the text's next token."""
     model = exact_model(3, num_layers=6)

@@ -571,14 +571,7 @@ def shadow_outcomes(stack: LayerStack, hidden: dict[int, torch.Tensor], targets:
     if not hidden:
         return {}
     layers = list(hidden)
-    return shadow_flags(layers, stack.logits(torch.cat([hidden[e] for e in layers]), vocab), targets, spans, vocab,
-                        threshold)
-
-
-def shadow_flags(layers: list[int], logits: torch.Tensor, targets: torch.Tensor, spans: list[int],
-                 vocab: torch.Tensor | None, threshold: float) -> dict[int, list[tuple[list[bool], list[bool]]]]:
-    """shadow_outcomes from the (draft-head) logits (len(layers) * n, V') of the layers' hidden states, layer after
-    layer (batch 1 computes them in the verify pass's head call)."""
+    logits = stack.logits(torch.cat([hidden[e] for e in layers]), vocab)  # (len(layers) * n, V')
     top = logits.argmax(-1)
     if vocab is not None:
         top = vocab[top]

@@ -144,17 +144,12 @@ def verify(stack: LayerStack, cache, d: Draft, exit_layer: int, taps: dict | Non
     Returns:
         logits (k + 1, V) of the full model at x0's last position and at d1..dk.
     """
-    return stack.logits(verified(stack, cache, d, exit_layer, taps))
-
-
-def verified(stack: LayerStack, cache, d: Draft, exit_layer: int, taps: dict | None = None) -> torch.Tensor:
-    """verify's passes without its head: the last layer's hidden states (k + 1, H) at x0's last position and d1..dk."""
     exits = d.exits
     if d.fed < d.k:  # the last draft has not been through [0, E) yet
         last = stack.run(stack.embed(d.tokens[d.fed:][None]), 0, exit_layer, cache, d.pos + exits.shape[1], taps)
         exits = torch.cat([exits, last], 1)  # (1, P + k, H)
     h = stack.run(exits, exit_layer, stack.num_layers, cache, d.pos, taps)  # (1, P + k, H)
-    return h[0, -(d.k + 1):]
+    return stack.logits(h[0, -(d.k + 1):])  # (k + 1, V)
 
 
 def accept(d: Draft, logits: torch.Tensor, params: SamplingParams, generator=None) -> tuple[int, int]:
@@ -185,23 +180,16 @@ def run_round(stack: LayerStack, cache, pending: torch.Tensor, pos: int, k: int,
               confidence_threshold=confidence_threshold, taps=taps)
     if timer:
         timer.lap("draft_s")
-    h = verified(stack, cache, d, exit_layer, taps)  # (k + 1, H)
-    if taps:  # every probed layer's hidden states at x0's last position and d1..dk
-        first, n = d.num_pending - 1, d.k + 1
-        hidden = {e: torch.cat(t, 1)[0, first:] for e, t in taps.items()}  # (k + 1, H) each
-        if vocab is None:  # the probes' draft head is the full head: one head call, one read of its weights
-            logits, *probed = stack.logits(torch.cat([h, *hidden.values()])).split(n)
-        else:
-            logits, probed = stack.logits(h), stack.logits(torch.cat(list(hidden.values())), vocab).split(n)
-    else:
-        logits = stack.logits(h)  # (k + 1, V)
+    logits = verify(stack, cache, d, exit_layer, taps)
     a, nxt = accept(d, logits, params, generator)
     if timer:
         timer.lap("verify_s")
     shadow = {}
     if taps:  # positions x0 .. d_a: the verifier confirmed their context; its argmax there is the target
-        shadow = auto.shadow_flags(list(hidden), torch.cat([p[:a + 1] for p in probed]), logits[:a + 1].argmax(-1),
-                                   [a + 1], vocab, confidence_threshold)
+        first = d.num_pending - 1
+        hidden = {e: torch.cat(t, 1)[0, first:first + a + 1] for e, t in taps.items()}
+        shadow = auto.shadow_outcomes(stack, hidden, logits[:a + 1].argmax(-1), [a + 1], vocab,
+                                      confidence_threshold)
     return Round(d.k, a, d.tokens[:a].tolist() + [nxt], d.k < k, shadow), rollback(cache, d, a)
 
 
