@@ -33,7 +33,7 @@ chosen k (PROBE_DEPTH), so a depth once seen failing is seen again.
 At batch 1, while the model's stored E pays (its best round, from its own rounds' acceptance, predicted at least
 KEEP_PAYING times as fast as an autoregressive step), the stored E and d run as they are, with no probe and no
 choice (`_quiet`): on the built-in model the stored cell is the best static cell within noise, and the probing and
-choosing there cost 2-3% of a decode for nothing measurable. Where the stored E stops paying, choosing and probing
+choosing there cost up to 3% of a decode for nothing measurable. Where the stored E stops paying, choosing and probing
 start at once.
 Lossless whatever it chooses: the verifier alone decides what is emitted, every layer's cache is valid up to the
 accepted length after every round, so E may change between rounds, and sampling stays distribution-exact (each
@@ -460,7 +460,7 @@ class AutoPlan:
         KEEP_PAYING times as fast as an autoregressive step. Both sides are the cost model's, so a slow spell of
         the machine, or a cost table timed in one, does not wake it. A tuned E and d that pay on this text are
         what a sweep found best on the model's own kind of text; on the built-in model no other static cell near
-        them is measurably faster (benchmarks/stored_neighbours.py), and probing and choosing there cost 2-3% of
+        them is measurably faster (benchmarks/stored_neighbours.py), and probing and choosing there cost up to 3% of
         the decode for nothing measurable (benchmarks/auto_decompose.py). Where the stored E stops paying, auto
         probes and chooses as it does with no stored E."""
         if B != 1 or not self.stored_start or self.exit_layer != self.start:
