@@ -454,8 +454,8 @@ class AutoPlan:
         return self.exit_layer, (0 if self._step_instead(r, B, current[0]) else current[1]), ()
 
     def _quiet(self, B: int) -> bool:
-        """Whether the next round runs the model's stored settings as they are, with no probe and no choice: at batch
-        1, at the stored E, for the generation's first FRESH_FOR rounds (as the stored E is held), and then while
+        """Whether the next round runs the model's stored settings as they are, with no probe and no choice of E (d:
+        the stored d, else the priced best): at batch 1, at the stored E, for the generation's first FRESH_FOR rounds (as the stored E is held), and then while
         the stored E pays: its best round, priced from its own rounds' acceptance (`_current`), predicted at least
         KEEP_PAYING times as fast as an autoregressive step. Both sides are the cost model's, so a slow spell of
         the machine, or a cost table timed in one, does not wake it. A tuned E and d that pay on this text are
