@@ -454,15 +454,15 @@ class AutoPlan:
         return self.exit_layer, (0 if self._step_instead(r, B, current[0]) else current[1]), ()
 
     def _quiet(self, B: int) -> bool:
-        """Whether the next round runs the model's stored settings as they are, with no probe and no choice of E (d:
-        the stored d, else the priced best): at batch 1, at the stored E, for the generation's first FRESH_FOR rounds (as the stored E is held), and then while
-        the stored E pays: its best round, priced from its own rounds' acceptance (`_current`), predicted at least
-        KEEP_PAYING times as fast as an autoregressive step. Both sides are the cost model's, so a slow spell of
-        the machine, or a cost table timed in one, does not wake it. A tuned E and d that pay on this text are
-        what a sweep found best on the model's own kind of text; on the built-in model no other static cell near
-        them is measurably faster (benchmarks/stored_neighbours.py), and probing and choosing there cost up to 3% of
-        the decode for nothing measurable (benchmarks/auto_decompose.py). Where the stored E stops paying, auto
-        probes and chooses as it does with no stored E."""
+        """Whether the next round runs the model's stored settings as they are, with no probe and no choice of E (d: the
+        stored d, else the priced best): at batch 1, at the stored E, for the generation's first FRESH_FOR rounds (as
+        the stored E is held), and then while the stored E pays: its best round, priced from its own rounds'
+        acceptance (`_current`), predicted at least KEEP_PAYING times as fast as an autoregressive step. Both sides
+        are the cost model's, so a slow spell of the machine, or a cost table timed in one, does not wake it. A tuned
+        E and d that pay on this text are what a sweep found best on the model's own kind of text; on the built-in
+        model no other static cell near them is measurably faster (benchmarks/stored_neighbours.py), and probing and
+        choosing there cost up to 3% of the decode for nothing measurable (benchmarks/auto_decompose.py). Where the
+        stored E stops paying, auto probes and chooses as it does with no stored E."""
         if B != 1 or not self.stored_start or self.exit_layer != self.start:
             return False
         return self.rounds <= FRESH_FOR or self._current(1)[0] >= KEEP_PAYING * self._step_speed(1)
