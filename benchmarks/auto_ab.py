@@ -32,9 +32,8 @@ import random
 import layerskip
 from layerskip.decoding import auto
 from layerskip.files import write_json
-from layerskip.runtime import machine_name
 
-from auto_speed import add_prompt_args, prepared, prompt_skip
+from auto_speed import add_prompt_args, prepared, report_header
 
 
 def _pinned(shipped):
@@ -153,13 +152,10 @@ def main() -> None:
         r, lo, hi = ratio_interval(seconds, a, b)
         ratios[f"{a}/{b}"] = {"ratio": r, "p5": lo, "p95": hi}
         print(f"{a} / {b}: {r:.3f}  (90% interval {lo:.3f}-{hi:.3f})")
-    skip = prompt_skip(args)
-    report = {"model": args.model or "built-in", "prompts": f"{args.prompts}: {len(prompts)} prompts "
-              f"({skip}..{skip + len(prompts) - 1})", "repeats": args.repeats, "variants": args.variants,
+    report = {**report_header(args, prompts), "repeats": args.repeats, "variants": args.variants,
               "ratios": ratios, "tokens_per_second": {name: sum(tokens) / sum(seconds[name]) for name in names},
               "per_prompt_auto_over_stored": per_repeat, "auto_choices": auto.summary(*rounds),
-              "identical_to_autoregressive": identical,
-              "machine": f"{machine_name()}, {args.threads} threads, fp32", "max_new_tokens": n}
+              "identical_to_autoregressive": identical}
     print(f"identical to autoregressive: {identical}; auto chose {report['auto_choices']}")
     if args.json:
         write_json(args.json, report)

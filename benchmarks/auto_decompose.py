@@ -21,10 +21,9 @@ import contextlib
 import layerskip
 from layerskip.decoding import auto
 from layerskip.files import write_json
-from layerskip.runtime import machine_name
 
 from auto_ab import ratio_interval
-from auto_speed import add_prompt_args, prepared, prompt_skip
+from auto_speed import add_prompt_args, prepared, report_header
 
 
 class ReplayPlan:
@@ -93,19 +92,16 @@ def main() -> None:
         with recording(choices):
             return generate(ids, stop, exit_layer="auto", **cfg), choices
 
-    def run_replay(choices, shadows, ids, stop):
+    def run_replay(choices, shadows, ids, stop, **cfg):
         with replaying(choices, shadows) as plan:
-            r = generate(ids, stop, exit_layer="auto")
+            r = generate(ids, stop, exit_layer="auto", **cfg)
         assert plan.i == len(choices), "the replay made other rounds than auto"
         return r
 
-    for shadows in (None, True, False):  # warm-up: kernels, auto's cost table
-        if shadows is None:
-            warm, choices = run_auto(prompts[0], (), max_new_tokens=16)
-            generate(prompts[0], (), max_new_tokens=16)
-        else:
-            with replaying(choices, shadows):
-                generate(prompts[0], (), max_new_tokens=16)
+    _, choices = run_auto(prompts[0], (), max_new_tokens=16)  # warm-up: kernels, auto's cost table
+    generate(prompts[0], (), max_new_tokens=16)
+    for shadows in (True, False):
+        run_replay(choices, shadows, prompts[0], (), max_new_tokens=16)
     names = ["auto", "stored", "replay", "bare"]
     seconds = {name: [0.0] * len(prompts) for name in names}
     identical, rounds, probe_rounds = True, 0, 0
@@ -134,12 +130,9 @@ def main() -> None:
         r, lo, hi = ratio_interval(seconds, a, b)
         ratios[f"{a}/{b}"] = {"ratio": r, "p5": lo, "p95": hi, "measures": what}
         print(f"{a} / {b}: {r:.3f}  (90% interval {lo:.3f}-{hi:.3f})  {what}")
-    skip = prompt_skip(args)
-    report = {"model": args.model or "built-in", "prompts": f"{args.prompts}: {len(prompts)} prompts "
-              f"({skip}..{skip + len(prompts) - 1})", "repeats": args.repeats, "ratios": ratios,
+    report = {**report_header(args, prompts), "repeats": args.repeats, "ratios": ratios,
               "seconds": {name: sum(s) for name, s in seconds.items()},
-              "auto_rounds": rounds, "auto_probe_rounds": probe_rounds, "identical_to_stored": identical,
-              "machine": f"{machine_name()}, {args.threads} threads, fp32", "max_new_tokens": n}
+              "auto_rounds": rounds, "auto_probe_rounds": probe_rounds, "identical_to_stored": identical}
     print(f"identical output: {identical}; {rounds} rounds of auto, {probe_rounds} of them probes")
     if args.json:
         write_json(args.json, report)

@@ -5,9 +5,9 @@ every call of the plan's choosing (`AutoPlan.choose`, and within it `best_round`
 layer's best round), of its updates (`observe_round`, `observe_speed`) and of the probes' shadow heads
 (`auto.shadow_outcomes`); `choose` includes its `best_round` calls. The wrapping adds about a microsecond a call.
 Also every batch-1 round's wall time but the prefill's: a probe round's extra cost (its taps, shadow heads and
-flags) is its time over the mean plain round that drafted as many tokens. Reported: microseconds per round and per call, and each
-part's share of the decode's wall time. A profile, not a speed comparison: the shares, not the absolute times,
-carry from one machine to another.
+flags) is its time over the mean plain round that drafted as many tokens. Reported: microseconds per round and per
+call, and each part's share of the decode's wall time. A profile, not a speed comparison: the shares, not the
+absolute times, carry from one machine to another.
 
     python benchmarks/auto_overhead.py [--model M] [--prompts humaneval|heldout] [--limit 16] [--json FILE]
 """

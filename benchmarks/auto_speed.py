@@ -70,6 +70,15 @@ def prompt_skip(args) -> int:
     return args.skip if args.skip is not None else 24 if args.prompts == "heldout" else 0
 
 
+def report_header(args, prompts: list) -> dict:
+    """The fields a paired benchmark's JSON report opens with: the model, the prompts (set, count, range), the
+    machine and the tokens per prompt."""
+    skip = prompt_skip(args)
+    return {"model": args.model or "built-in",
+            "prompts": f"{args.prompts}: {len(prompts)} prompts ({skip}..{skip + len(prompts) - 1})",
+            "machine": f"{machine_name()}, {args.threads} threads, fp32", "max_new_tokens": args.max_new_tokens}
+
+
 def prompt_task(args):
     """The task `add_prompt_args`' flags name: held-out code prompts, or HumanEval ones, past the first --skip."""
     skip = prompt_skip(args)

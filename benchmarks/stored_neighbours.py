@@ -21,10 +21,9 @@ import layerskip
 from layerskip.decoding import self_speculative as ss
 from layerskip.decoding.config import model_defaults
 from layerskip.files import write_json
-from layerskip.runtime import machine_name
 
 from auto_ab import ratio_interval
-from auto_speed import add_prompt_args, prepared, prompt_skip
+from auto_speed import add_prompt_args, prepared, report_header
 
 _shipped_draft = ss.draft
 
@@ -114,12 +113,9 @@ def main() -> None:
         print(f"{name:20s} / stored {r:.3f} ({lo:.3f}-{hi:.3f})  drafts {drafted[name]}, acceptance "
               f"{report[name]['acceptance'] or 0:.3f}")
     print(f"identical to autoregressive: {identical}")
-    skip = prompt_skip(args)
     if args.json:
-        write_json(args.json, {"model": args.model or "built-in", "stored": model_defaults(model),
-                               "prompts": f"{args.prompts}: {len(prompts)} prompts ({skip}..{skip + len(prompts) - 1})",
-                               "repeats": args.repeats, "cells": report, "identical_to_autoregressive": identical,
-                               "machine": f"{machine_name()}, {args.threads} threads, fp32", "max_new_tokens": n})
+        write_json(args.json, {**report_header(args, prompts), "stored": model_defaults(model),
+                               "repeats": args.repeats, "cells": report, "identical_to_autoregressive": identical})
 
 
 if __name__ == "__main__":
