@@ -7,6 +7,8 @@ prompt and the repetition), `--repeats` times over the set. Reported: each one's
 (total tokens over total seconds), with a 90% interval from resampling the prompts (bootstrap, 2000 draws, the
 repetitions of a prompt kept together), and auto's per-prompt ratios per repetition. auto's carried estimates are
 dropped before each repetition, so every repetition is a cold start over the set; each variant carries its own.
+With --again the stored settings are timed a second time as a contender of their own: "stored-again / stored" is
+what a ratio of two identical configurations comes to here, the floor under any "auto >= the stored settings".
 Every output must equal autoregressive decoding.
 
 Variants (experiments, not shipped):
@@ -20,8 +22,8 @@ Variants (experiments, not shipped):
   modelled  a round's "measured" speed is its tokens over the cost model's seconds for the drafts it made, not the
             clock's (batch 1 only): the machine's slow spells no longer steer the choice
 
-    python benchmarks/auto_ab.py [--model M] [--prompts heldout|humaneval] [--skip S] [--limit 32] [--repeats 3]
-        [--variants pinned,gain] [--json FILE]
+    python benchmarks/auto_ab.py [--model M] [--prompts heldout|thirdparty|humaneval] [--skip S] [--limit 32]
+        [--repeats 3] [--variants pinned,gain] [--again] [--json FILE]
 """
 from __future__ import annotations
 
@@ -107,6 +109,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--variants", type=lambda t: [v for v in t.split(",") if v], default=[],
                    help=f"auto variants to time beside it: {', '.join(VARIANTS)}")
+    p.add_argument("--again", action="store_true",
+                   help="time the stored settings twice (\"stored-again\"): an A/A pair, the noise floor of a ratio")
     args = p.parse_args()
     if set(args.variants) - set(VARIANTS):
         p.error(f"unknown variant(s) {', '.join(sorted(set(args.variants) - set(VARIANTS)))}; "
@@ -114,8 +118,9 @@ def main() -> None:
     model, tokenizer, engine, task, prompts = prepared(args)
     n = args.max_new_tokens
     autos = ["auto"] + args.variants
-    names = ["autoregressive", "stored"] + autos
-    configs = {"autoregressive": dict(max_new_tokens=n), "stored": dict(strategy="self_speculative", max_new_tokens=n),
+    names = ["autoregressive", "stored"] + ["stored-again"] * args.again + autos
+    stored = dict(strategy="self_speculative", max_new_tokens=n)
+    configs = {"autoregressive": dict(max_new_tokens=n), "stored": stored, "stored-again": stored,
                **{a: dict(strategy="self_speculative", exit_layer="auto", max_new_tokens=n) for a in autos}}
     memories = {a: {} for a in autos}  # each auto its own carried estimates
 
@@ -148,11 +153,12 @@ def main() -> None:
         print(f"repetition {rep + 1}/{args.repeats}: auto / stored so far "
               f"{ratio_interval(seconds, 'auto', 'stored')[0]:.3f}", flush=True)
     ratios = {}
-    for a, b in [(x, "stored") for x in ["autoregressive"] + autos] + [(v, "auto") for v in args.variants]:
+    pairs = [(x, "stored") for x in names if x != "stored"] + [(v, "auto") for v in args.variants]
+    for a, b in pairs + [("auto", "stored-again")] * args.again:
         r, lo, hi = ratio_interval(seconds, a, b)
         ratios[f"{a}/{b}"] = {"ratio": r, "p5": lo, "p95": hi}
         print(f"{a} / {b}: {r:.3f}  (90% interval {lo:.3f}-{hi:.3f})")
-    report = {**report_header(args, prompts), "repeats": args.repeats, "variants": args.variants,
+    report = {**report_header(args, prompts), "repeats": args.repeats, "variants": args.variants, "again": args.again,
               "ratios": ratios, "tokens_per_second": {name: sum(tokens) / sum(seconds[name]) for name in names},
               "per_prompt_auto_over_stored": per_repeat, "auto_choices": auto.summary(*rounds),
               "identical_to_autoregressive": identical}

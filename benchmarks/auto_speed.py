@@ -38,13 +38,39 @@ def heldout_task(skip: int, limit: int, shape: str = "def"):
     """Completion prompts from held-out stdlib modules, without the first `skip`: round-robin over the files, each
     file's first 4 functions first (prompts 0..91, as scripts/build_default_model.py makes them; the stored settings
     were tuned on 0..23), then its later ones (92 on: no tuning has seen them)."""
-    from layerskip.corpus import read_texts, stdlib_files
+    from layerskip.corpus import stdlib_files
+
+    return code_task(stdlib_files("heldout"), skip, limit, shape)
+
+
+def thirdparty_task(skip: int, limit: int, shape: str = "def"):
+    """Completion prompts from the held-out third-party packages (corpus.THIRD_PARTY_HELDOUT: code no training
+    and no settings choice saw), in the order of `code_task` over their files taken a package at a time in turn
+    (the first file of each package, then the second, ...), so that any first part of the list covers every
+    package. 3523 `def` prompts with this venv's packages."""
+    from itertools import chain, zip_longest
+
+    from layerskip.corpus import site_packages_root, third_party_files
+
+    root, by_package = site_packages_root().resolve(), {}
+    for path in third_party_files("heldout"):
+        by_package.setdefault(path.resolve().relative_to(root).parts[0], []).append(path)
+    files = [f for f in chain.from_iterable(zip_longest(*by_package.values())) if f is not None]
+    return code_task(files, skip, limit, shape)
+
+
+def code_task(files, skip: int, limit: int, shape: str = "def"):
+    """A jsonl task of completion prompts from code files, without the first `skip`: round-robin over the files,
+    each file's first 4 functions first, then its later ones."""
+    from layerskip.corpus import read_texts
     from layerskip.training.selfgen import context_prompts
 
-    per_file = [[p for p, _ in context_prompts(t, shape=shape)] for t in read_texts(stdlib_files("heldout"))]
+    per_file = [[p for p, _ in context_prompts(t, shape=shape)] for t in read_texts(files)]
     order = [(i >= 4, i, f) for f, rows in enumerate(per_file) for i in range(len(rows))]
     rows = [per_file[f][i] for _, i, f in sorted(order)][skip:skip + limit]
-    path = os.path.join(tempfile.mkdtemp(), "heldout.jsonl")
+    if not rows:
+        raise SystemExit(f"no prompts past --skip {skip}: the set has {len(order)}")
+    path = os.path.join(tempfile.mkdtemp(), "prompts.jsonl")
     with open(path, "w") as f:
         for p in rows:
             f.write(json.dumps({"prompt": p}) + "\n")
@@ -55,7 +81,8 @@ def add_prompt_args(p: argparse.ArgumentParser, *, prompts: str = "heldout", lim
     """The flags these benchmarks share: the model, the prompt set and its size, the tokens per prompt, the torch
     threads and the JSON report."""
     p.add_argument("--model", default=None, help="a --model spec (default: the built-in model)")
-    p.add_argument("--prompts", choices=("heldout", "humaneval"), default=prompts)
+    p.add_argument("--prompts", choices=("heldout", "thirdparty", "humaneval"), default=prompts,
+                   help="held-out stdlib code, held-out third-party packages' code, or HumanEval")
     p.add_argument("--skip", type=int, default=None,
                    help="prompts left out at the start of the set (default: 24 held-out ones, which with 0..23 "
                         "tuned the built-in model's stored settings; no HumanEval ones)")
@@ -80,10 +107,13 @@ def report_header(args, prompts: list) -> dict:
 
 
 def prompt_task(args):
-    """The task `add_prompt_args`' flags name: held-out code prompts, or HumanEval ones, past the first --skip."""
+    """The task `add_prompt_args`' flags name: held-out stdlib or third-party code prompts, or HumanEval ones, past
+    the first --skip."""
     skip = prompt_skip(args)
     if args.prompts == "heldout":
         return heldout_task(skip, args.limit)
+    if args.prompts == "thirdparty":
+        return thirdparty_task(skip, args.limit)
     task = load_task("humaneval", limit=skip + args.limit)
     return replace(task, samples=task.samples[skip:])
 

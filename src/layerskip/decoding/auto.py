@@ -205,6 +205,22 @@ class RunStats:
                     break
                 success[j] += w
 
+    def add_run(self, n: int, failed: bool) -> None:
+        """One run that starts at a round: `add([True] * n + [False] * failed)`, without the list (a round's
+        outcomes, every round of a decode)."""
+        length = n + failed
+        if not length:
+            return
+        self._rates = None
+        self._unit *= DECAY ** length
+        if self._unit < 1e-100:
+            self._success, self._trials, self._unit = self.success, self.trials, 1.0
+        w, success, trials = 1.0 / self._unit, self._success, self._trials
+        for j in range(min(length, len(trials))):
+            trials[j] += w
+        for j in range(min(n, len(success))):
+            success[j] += w
+
     def shrink(self, most: float) -> None:
         """Scale the counts down, rates unchanged, so that at most `most` runs are counted at depth 1. A layer's
         counts decay only as it is observed; a layer left long ago would otherwise keep its old text's weight."""
@@ -300,10 +316,11 @@ class AutoPlan:
         unsure stop ends them); and its probes' shadow outcomes."""
         self._last_round[E] = self.rounds
         self._capped = not r.unsure and 0 < r.accepted == r.drafted
-        self.accepted[E].add([True] * r.accepted + [False] * (r.accepted < r.drafted or r.unsure))
+        self.accepted[E].add_run(r.accepted, r.accepted < r.drafted or r.unsure)
         if self.threshold > 0:
-            self.confident[E].add([True] * r.drafted + [False] * bool(r.unsure))
-        self.observe_shadow(r.shadow)
+            self.confident[E].add_run(r.drafted, bool(r.unsure))
+        if r.shadow:
+            self.observe_shadow(r.shadow)
 
     def observe_shadow(self, shadow: dict[int, list[tuple[list[bool], list[bool]]]]) -> None:
         """A probe's outcomes: {exit layer: [(accepted flags, confident flags) per row's confirmed positions]}."""
@@ -376,8 +393,9 @@ class AutoPlan:
     def observe_speed(self, E: int, B: int, tokens: int, seconds: float) -> None:
         """A round's wall time at E (AR: an autoregressive step) for B rows and the tokens it emitted. Probe rounds
         are not counted: their shadow heads are work an ordinary round at E does not do; nor is a generation's first
-        round, which carries the prompt's prefill."""
-        if self._probing or self.rounds <= 1:
+        round, which carries the prompt's prefill; nor are quiet rounds (`_quiet`), which compare no speeds (once
+        they end, the stored E's speed is measured afresh, as the text that ended them is)."""
+        if self._probing or self.rounds <= 1 or self._was_quiet:
             return
         m = self.measured.get((E, B))
         if m is None or self.rounds - m[2] > self._fresh_for(E):  # stale: measured afresh, the old text forgotten
@@ -465,14 +483,15 @@ class AutoPlan:
         stored E stops paying, auto probes and chooses as it does with no stored E."""
         if B != 1 or not self.stored_start or self.exit_layer != self.start:
             return False
-        return self.rounds <= FRESH_FOR or self._current(1)[0] >= KEEP_PAYING * self._step_speed(1)
+        return self.rounds <= FRESH_FOR or self._current(1, on_cap=False)[0] >= KEEP_PAYING * self._step_speed(1)
 
-    def _current(self, B: int) -> tuple[float, int]:
+    def _current(self, B: int, on_cap: bool = True) -> tuple[float, int]:
         """best_round at the current layer for B rows, priced again only every PRICE_EVERY rounds, after a round
-        that reached its cap (its d may grow at once), or when E or B changed. One round moves the current
-        layer's estimates little, and pricing it every round was a third of what choosing cost (auto_overhead.py)."""
+        that reached its cap (its d may grow at once; not `on_cap`: a price alone is wanted, not d), or when E or B
+        changed. One round moves the current layer's estimates little, and pricing it every round was a third of
+        what choosing cost (auto_overhead.py)."""
         key, p = (self.exit_layer, B), self._priced
-        if p is None or p[0] != key or self.rounds - p[1] >= PRICE_EVERY or self._capped:
+        if p is None or p[0] != key or self.rounds - p[1] >= PRICE_EVERY or (on_cap and self._capped):
             p = self._priced = (key, self.rounds, self.best_round(self.exit_layer, B))
         return p[2]
 
