@@ -10,8 +10,8 @@ auto / replay is what choosing and observing cost inside a real decode, replay /
 and bare / stored what auto's choices gain or lose, each with a 90% interval from resampling prompts. auto's
 carried estimates are dropped before each repetition, as in auto_ab.py.
 
-    cd benchmarks && python auto_decompose.py [--prompts heldout|humaneval] [--skip S] [--limit 24] [--repeats 2]
-        [--json FILE]
+    cd benchmarks && python auto_decompose.py [--prompts heldout|thirdparty|humaneval] [--skip S] [--limit 24]
+        [--repeats 2] [--json FILE]
 """
 from __future__ import annotations
 

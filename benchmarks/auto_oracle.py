@@ -8,7 +8,7 @@ summed over the set. oracle / best is what a choice per prompt could gain at mos
 choice per round could gain more; auto also pays its probes and detours), also over E and d alone at the stored
 threshold (what auto chooses). Predictions, not timings.
 
-    python benchmarks/auto_oracle.py [--model M] --prompts heldout|humaneval [--limit 16] [--json FILE]
+    python benchmarks/auto_oracle.py [--model M] --prompts heldout|thirdparty|humaneval [--limit 16] [--json FILE]
 """
 from __future__ import annotations
 

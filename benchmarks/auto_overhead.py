@@ -9,7 +9,7 @@ flags) is its time over the mean plain round that drafted as many tokens. Report
 call, and each part's share of the decode's wall time. A profile, not a speed comparison: the shares, not the
 absolute times, carry from one machine to another.
 
-    python benchmarks/auto_overhead.py [--model M] [--prompts humaneval|heldout] [--limit 16] [--json FILE]
+    python benchmarks/auto_overhead.py [--model M] [--prompts humaneval|heldout|thirdparty] [--limit 16] [--json FILE]
 """
 from __future__ import annotations
 

@@ -7,12 +7,14 @@ timed on the same prompts, interleaved per prompt (the order rotating), after a 
 tokens/s, speedup over autoregressive, auto over the best timed static cell and over the stored settings, and
 whether every output equals autoregressive decoding. (3) With --confirm (the default) the ratios come from a
 second timed pass of autoregressive, stored, the best cell and auto: the pass that picked the best cell flatters
-it (the fastest of several noisy timings), a fresh one does not. Prompt sets: `heldout` (functions from held-out standard
-library modules, the shape the built-in model's settings were tuned on; the first --skip prompts, the tuning set,
-are left out) or `humaneval`. `--synthetic`: the 16x768 Llama whose layers >= 4 are the identity (the exact-draft
-model of synthetic_speed.py), where the best cell is known to be E = 4 with a long draft.
+it (the fastest of several noisy timings), a fresh one does not. Prompt sets: `heldout` (functions from held-out
+standard library modules, the shape the built-in model's settings were tuned on; the first --skip prompts, the
+tuning set, are left out), `thirdparty` (functions from the held-out third-party packages,
+corpus.THIRD_PARTY_HELDOUT: code no training and no settings choice saw) or `humaneval`. `--synthetic`: the 16x768
+Llama whose layers >= 4 are the identity (the exact-draft model of synthetic_speed.py), where the best cell is known
+to be E = 4 with a long draft.
 
-    python benchmarks/auto_speed.py [--model M] --prompts heldout|humaneval [--limit 16] [--json FILE]
+    python benchmarks/auto_speed.py [--model M] --prompts heldout|thirdparty|humaneval [--limit 16] [--json FILE]
     python benchmarks/auto_speed.py --synthetic [--json FILE]
 """
 from __future__ import annotations

@@ -10,7 +10,8 @@ current layer's: what `AutoPlan.choose` compares with SWITCH_GAIN; recomputed he
 layers' predictions from the last probe round, so the two can differ a little). A diagnostic: one timing per
 prompt and strategy, so a single ratio moves by +-10%; `auto_speed.py` gives the figures.
 
-    python benchmarks/auto_trace.py [--model M] [--prompts heldout|humaneval] [--skip 24] [--limit 16] [--json FILE]
+    python benchmarks/auto_trace.py [--model M] [--prompts heldout|thirdparty|humaneval] [--skip 24] [--limit 16]
+        [--json FILE]
 """
 from __future__ import annotations
 

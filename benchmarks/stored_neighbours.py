@@ -8,8 +8,8 @@ that every draft so far is accepted, were the top probabilities calibrated). Rep
 stored settings' with a 90% interval from resampling prompts (auto_ab.ratio_interval), drafts and acceptance. Every
 output must equal autoregressive decoding.
 
-    python benchmarks/stored_neighbours.py [--prompts heldout|humaneval] [--skip S] [--limit 24] [--repeats 2]
-        [--cells 8:0.6:0,12:0.7:0.3] [--json FILE]
+    python benchmarks/stored_neighbours.py [--prompts heldout|thirdparty|humaneval] [--skip S] [--limit 24]
+        [--repeats 2] [--cells 8:0.6:0,12:0.7:0.3] [--json FILE]
 """
 from __future__ import annotations
 
