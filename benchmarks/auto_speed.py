@@ -50,15 +50,9 @@ def thirdparty_task(skip: int, limit: int, shape: str = "def"):
     and no settings choice saw), in the order of `code_task` over their files taken a package at a time in turn
     (the first file of each package, then the second, ...), so that any first part of the list covers every
     package. 3523 `def` prompts with this venv's packages."""
-    from itertools import chain, zip_longest
+    from layerskip.corpus import round_robin, third_party_files
 
-    from layerskip.corpus import site_packages_root, third_party_files
-
-    root, by_package = site_packages_root().resolve(), {}
-    for path in third_party_files("heldout"):
-        by_package.setdefault(path.resolve().relative_to(root).parts[0], []).append(path)
-    files = [f for f in chain.from_iterable(zip_longest(*by_package.values())) if f is not None]
-    return code_task(files, skip, limit, shape)
+    return code_task(round_robin(third_party_files("heldout")), skip, limit, shape)
 
 
 def code_task(files, skip: int, limit: int, shape: str = "def"):

@@ -79,7 +79,7 @@ def sh(*cmd, **kw):
 def prepare(out: Path) -> None:
     from transformers import LlamaConfig
 
-    from layerskip.corpus import read_texts, stdlib_files, third_party_files
+    from layerskip.corpus import read_texts, round_robin, stdlib_files, third_party_files
     from layerskip.tokenizer import train_bpe_tokenizer
 
     out.mkdir(parents=True, exist_ok=True)
@@ -99,19 +99,6 @@ def prepare(out: Path) -> None:
         heldout_prompts(round_robin(third_heldout), shape, out / REPORT_PROMPTS[shape])
     print(f"prepared {out}: {len(train_files)} + {len(third_train)} third-party train files, {len(heldout_files)} + "
           f"{len(third_heldout)} held-out files, vocab {len(tokenizer)}")
-
-
-def round_robin(files: list[Path]) -> list[Path]:
-    """Site-packages files interleaved across their packages (first file of each, then the second, ...), so that
-    any first part of the list (a token budget) covers every package."""
-    from itertools import chain, zip_longest
-
-    from layerskip.corpus import site_packages_root
-
-    root, by_package = site_packages_root().resolve(), {}
-    for path in files:
-        by_package.setdefault(path.relative_to(root).parts[0], []).append(path)
-    return [p for p in chain.from_iterable(zip_longest(*by_package.values())) if p is not None]
 
 
 def heldout_prompts(files, shape: str, path: Path) -> None:

@@ -100,6 +100,17 @@ def third_party_files(split: str = "train", root: Path | str | None = None,
     return files
 
 
+def round_robin(files: list[Path]) -> list[Path]:
+    """Site-packages files interleaved across their packages (first file of each, then the second, ...), so that
+    any first part of the list (a token budget, a prompt count) covers every package."""
+    from itertools import chain, zip_longest
+
+    root, by_package = site_packages_root().resolve(), {}
+    for path in files:
+        by_package.setdefault(Path(path).resolve().relative_to(root).parts[0], []).append(path)
+    return [p for p in chain.from_iterable(zip_longest(*by_package.values())) if p is not None]
+
+
 def _package_files(root: Path, name: str) -> list[Path]:
     """Code files of one installed package (`name/` or `name.py` under `root`), sorted by relative path."""
     if (root / f"{name}.py").is_file():

@@ -192,11 +192,7 @@ class RunStats:
         confirmed positions: a round could have started at any of them). The end of `seq` censors runs."""
         if not seq:
             return
-        self._rates = None
-        self._unit *= DECAY ** len(seq)
-        if self._unit < 1e-100:  # fold the unit back into the counts before it underflows
-            self._success, self._trials, self._unit = self.success, self.trials, 1.0
-        w, success, trials = 1.0 / self._unit, self._success, self._trials
+        w, success, trials = self._weight(len(seq)), self._success, self._trials
         D = len(trials)
         for i in range(len(seq) if starts else 1):
             for j, ok in enumerate(seq[i:i + D]):
@@ -205,17 +201,22 @@ class RunStats:
                     break
                 success[j] += w
 
+    def _weight(self, observations: int) -> float:
+        """Decay the counts by `observations` new ones (lazily: the unit shrinks) and return the weight, in units,
+        of an observation added now."""
+        self._rates = None
+        self._unit *= DECAY ** observations
+        if self._unit < 1e-100:  # fold the unit back into the counts before it underflows
+            self._success, self._trials, self._unit = self.success, self.trials, 1.0
+        return 1.0 / self._unit
+
     def add_run(self, n: int, failed: bool) -> None:
         """One run that starts at a round: `add([True] * n + [False] * failed)`, without the list (a round's
         outcomes, every round of a decode)."""
         length = n + failed
         if not length:
             return
-        self._rates = None
-        self._unit *= DECAY ** length
-        if self._unit < 1e-100:
-            self._success, self._trials, self._unit = self.success, self.trials, 1.0
-        w, success, trials = 1.0 / self._unit, self._success, self._trials
+        w, success, trials = self._weight(length), self._success, self._trials
         for j in range(min(length, len(trials))):
             trials[j] += w
         for j in range(min(n, len(success))):
